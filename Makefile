@@ -1,0 +1,31 @@
+# mdm-dist: every target installs what it needs first (scripts/install.sh is a no-op when the
+# venv is up to date). Caches stay inside the repo (.cache/), never in the home folder or /tmp.
+PY      := .venv/bin/python
+CACHE   := $(CURDIR)/.cache
+export TORCH_EXTENSIONS_DIR := $(CACHE)/torch_extensions
+export TRITON_CACHE_DIR     := $(CACHE)/triton
+export WANDB_DIR            := $(CACHE)/wandb
+export WANDB_MODE           ?= offline
+export MPLCONFIGDIR         := $(CACHE)/matplotlib
+export OMP_NUM_THREADS      ?= 2
+export DS_ACCELERATOR       ?= cpu
+
+.PHONY: install test demo inspect clean
+
+install:
+	@scripts/install.sh
+
+test: install
+	@mkdir -p $(CACHE)
+	$(PY) -m pytest -q tests
+
+demo: install
+	@mkdir -p $(CACHE)
+	$(PY) launch/overfit_demo.py --config configs/tiny.yaml --output outputs/demo
+	$(PY) -m mdm_dist.inspect configs/7b.yaml
+
+inspect: install
+	$(PY) -m mdm_dist.inspect $(or $(CONFIG),configs/7b.yaml)
+
+clean:
+	rm -rf .cache outputs

@@ -1,0 +1,206 @@
+"""MDMBackbone: the Mamba-2 diffusion backbone over the joint text + image latent sequence.
+
+Sequence (docs/model.md): ``[time_txt][time_img][category][text ...][sep][image ...][pad ...]``,
+every element projected to ``d_model``:
+
+- time tokens: sinusoidal embedding of ``t`` through a 2-layer MLP, one per modality, since the
+  two modalities carry independent noise levels (t = 0: the modality is given as a condition);
+- category token: a learned embedding of ``num_categories + 1`` entries (the last one is the
+  null class of classifier-free guidance);
+- text / image latents (width ``d_z``): a linear projection plus a learned position embedding;
+- sep, lateral row pads (optional, DiM) and tail pads: learned tokens.
+
+``n_layers`` pre-norm residual Mamba blocks, each a *scan switch*: the block's mixers scan the
+sequence in their directions (``scan_mode: multi`` = every direction in every block, the paper's
+reading; ``cycle`` = block i scans direction i mod n, DiM's) and the outputs, brought back to the
+original token order, are averaged (or summed). Optional U-ViT long skips and interleaved
+attention blocks (``attention_every``). Two zero-initialized output heads map back to ``d_z``:
+the text head's output is decoded by the VAE's text decoder into vocabulary log-scores, the image
+head's output is the epsilon prediction of the image latents.
+
+The module knows nothing of DeepSpeed or process groups (mdm_dist/parallel wraps it).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from mdm_dist.config import ModelConfig, VAEConfig
+from mdm_dist.models.attention import AttentionBlock
+from mdm_dist.models.mamba2 import Mamba2Mixer
+from mdm_dist.models.scan import NUM_PREFIX, SequenceLayout, scan_orders
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of t in [0, 1] (scaled by 1000, as discrete-step models see it)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = (t.float() * 1000.0)[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+class TimeEmbedding(nn.Module):
+    def __init__(self, d_model: int, device=None, dtype=None):
+        super().__init__()
+        self.d_model = d_model
+        self.mlp = nn.Sequential(
+            nn.Linear(d_model, d_model, device=device, dtype=dtype),
+            nn.SiLU(),
+            nn.Linear(d_model, d_model, device=device, dtype=dtype),
+        )
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        emb = timestep_embedding(t, self.d_model).to(self.mlp[0].weight.dtype)
+        return self.mlp(emb)
+
+
+class MambaBlock(nn.Module):
+    """Pre-norm residual scan-switch block: ``x + combine_k unpermute_k(mixer_k(permute_k(norm x)))``.
+
+    ``directions`` names the scan directions of this block; with ``share_weights`` one mixer serves
+    them all, else each direction has its own mixer (the paper's 7B reading).
+    """
+
+    def __init__(self, cfg: ModelConfig, directions: list[str], device=None, dtype=None):
+        super().__init__()
+        self.directions = list(directions)
+        self.combine = cfg.direction_combine
+        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps, device=device, dtype=dtype)
+        n_mixers = 1 if cfg.share_direction_weights else len(directions)
+        self.mixers = nn.ModuleList(
+            [Mamba2Mixer.from_config(cfg, device=device, dtype=dtype) for _ in range(n_mixers)]
+        )
+
+    def forward(self, x: torch.Tensor, orders: dict[str, torch.Tensor]) -> torch.Tensor:
+        h = self.norm(x)
+        out = None
+        for i, name in enumerate(self.directions):
+            mixer = self.mixers[i if len(self.mixers) > 1 else 0]
+            y = mixer(h, scan_order=orders[name])
+            out = y if out is None else out + y
+        if self.combine == "mean" and len(self.directions) > 1:
+            out = out / len(self.directions)
+        return x + out
+
+
+class MDMBackbone(nn.Module):
+    def __init__(self, cfg: ModelConfig, vae_cfg: VAEConfig, device=None, dtype=None):
+        super().__init__()
+        self.cfg = cfg
+        down = 2 ** (len(vae_cfg.channel_mult) - 1) * vae_cfg.patch_size
+        grid = vae_cfg.image_size // down
+        self.layout = SequenceLayout(
+            text_len=vae_cfg.max_text_len, grid_h=grid, grid_w=grid,
+            lateral_pad=cfg.lateral_pad, num_tail_pad=cfg.num_tail_pad,
+        )
+        d, d_z = cfg.d_model, vae_cfg.d_z
+        kw = dict(device=device, dtype=dtype)
+        self.time_txt = TimeEmbedding(d, **kw)
+        self.time_img = TimeEmbedding(d, **kw)
+        self.category = nn.Embedding(cfg.num_categories + 1, d, **kw)
+        self.txt_in = nn.Linear(d_z, d, **kw)
+        self.img_in = nn.Linear(d_z, d, **kw)
+        self.txt_pos = nn.Parameter(torch.empty(self.layout.text_len, d, **kw))
+        self.img_pos = nn.Parameter(torch.empty(grid * grid, d, **kw))
+        self.sep = nn.Parameter(torch.empty(d, **kw))
+        self.row_pad = nn.Parameter(torch.empty(grid, d, **kw)) if cfg.lateral_pad else None
+        self.tail_pad = nn.Parameter(torch.empty(cfg.num_tail_pad, d, **kw)) if cfg.num_tail_pad else None
+
+        dirs = list(cfg.image_directions)
+        self.layer_kinds: list[str] = []
+        layers: list[nn.Module] = []
+        for i in range(cfg.n_layers):
+            block_dirs = dirs if cfg.scan_mode == "multi" else [dirs[i % len(dirs)]]
+            layers.append(MambaBlock(cfg, block_dirs, **kw))
+            self.layer_kinds.append("mamba")
+            if cfg.attention_every and (i + 1) % cfg.attention_every == 0 and i + 1 < cfg.n_layers:
+                layers.append(AttentionBlock(d, cfg.attn_heads, eps=cfg.norm_eps, **kw))
+                self.layer_kinds.append("attn")
+        self.layers = nn.ModuleList(layers)
+        # U-ViT long skips: the output of Mamba block i (first half) feeds block n-1-i (second half).
+        n_skip = cfg.n_layers // 2 if cfg.long_skip else 0
+        self.skip_proj = nn.ModuleList([nn.Linear(2 * d, d, **kw) for _ in range(n_skip)])
+        self.norm_out = nn.RMSNorm(d, eps=cfg.norm_eps, **kw)
+        self.txt_out = nn.Linear(d, d_z, **kw)
+        self.img_out = nn.Linear(d, d_z, **kw)
+        self._orders: dict[torch.device, dict[str, torch.Tensor]] = {}
+
+    # ------------------------------------------------------------------------------------------
+    def reset_parameters(self) -> None:
+        std = self.cfg.init_std
+        for p in (self.txt_pos, self.img_pos, self.sep, self.row_pad, self.tail_pad):
+            if p is not None:
+                nn.init.normal_(p, std=std)
+        nn.init.normal_(self.category.weight, std=std)
+        for head in (self.txt_out, self.img_out):  # zero output: the untrained model predicts 0
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
+
+    def scan_orders(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """Permutations per direction name, built once per device (not buffers: meta-safe)."""
+        if device not in self._orders:
+            names = list(self.cfg.image_directions)
+            orders = scan_orders(self.layout, names).to(device)
+            self._orders[device] = {n: orders[i] for i, n in enumerate(names)}
+        return self._orders[device]
+
+    def embed(self, txt, img, t_txt, t_img, category) -> torch.Tensor:
+        """Assemble the ``(B, T, d_model)`` input sequence."""
+        b = txt.shape[0]
+        lay = self.layout
+        dtype = self.txt_in.weight.dtype
+        parts = [
+            self.time_txt(t_txt).unsqueeze(1),
+            self.time_img(t_img).unsqueeze(1),
+            self.category(category).unsqueeze(1),
+            self.txt_in(txt.to(dtype)) + self.txt_pos[: txt.shape[1]],
+            self.sep.expand(b, 1, -1),
+        ]
+        x_img = self.img_in(img.to(dtype)) + self.img_pos
+        if self.row_pad is not None:
+            g = lay.grid_h
+            x_img = torch.cat([x_img.view(b, g, lay.grid_w, -1), self.row_pad.expand(b, g, -1).unsqueeze(2)], dim=2)
+            x_img = x_img.reshape(b, lay.num_image_slots, -1)
+        parts.append(x_img)
+        if self.tail_pad is not None:
+            parts.append(self.tail_pad.expand(b, -1, -1))
+        return torch.cat(parts, dim=1)
+
+    def forward(self, txt: torch.Tensor, img: torch.Tensor, t_txt: torch.Tensor, t_img: torch.Tensor,
+                category: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Denoise the joint sequence. Shapes: docs/model.md. Returns ``(txt_out, img_out)``."""
+        lay = self.layout
+        if txt.shape[1] != lay.text_len or img.shape[1] != lay.grid_h * lay.grid_w:
+            raise ValueError(
+                f"expected {lay.text_len} text and {lay.grid_h * lay.grid_w} image latents "
+                f"(vae.max_text_len, vae.image_size), got {txt.shape[1]} and {img.shape[1]}"
+            )
+        x = self.embed(txt, img, t_txt, t_img, category)
+        orders = self.scan_orders(x.device)
+        skips: list[torch.Tensor] = []
+        n_skip = len(self.skip_proj)
+        mamba_idx = 0
+        for kind, layer in zip(self.layer_kinds, self.layers):
+            if kind == "attn":
+                x = layer(x)
+                continue
+            late = mamba_idx - (self.cfg.n_layers - n_skip)  # >= 0 in the second half
+            if n_skip and late >= 0:
+                x = self.skip_proj[late](torch.cat([x, skips.pop()], dim=-1))
+            x = layer(x, orders)
+            if mamba_idx < n_skip:
+                skips.append(x)
+            mamba_idx += 1
+        x = self.norm_out(x)
+        txt_out = self.txt_out(x[:, lay.text_start: lay.text_start + lay.text_len])
+        img_out = self.img_out(x[:, lay.image_positions().to(x.device)])
+        return txt_out, img_out
+
+
+__all__ = ["MDMBackbone", "MambaBlock", "TimeEmbedding", "timestep_embedding", "NUM_PREFIX"]

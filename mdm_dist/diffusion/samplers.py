@@ -1,0 +1,294 @@
+"""Samplers: joint image + caption generation, text -> image, image -> text.
+
+Time runs from t = 1 down to ``diffusion.t_eps`` on a uniform grid of ``steps`` steps
+(t_0 = 1 > t_1 > ... > t_steps = t_eps, dt = t_i - t_{i+1}). Each step calls the backbone at
+the current states (a generated modality at time t, a given condition at time 0).
+
+Continuous latents (image; text under ``text_process: gaussian``) follow the VP
+probability-flow ODE (Song et al. 2021), written with the eps prediction::
+
+    dz/dt = f(z, t) = -1/2 beta(t) (z + score) = -1/2 beta(t) (z - eps_hat(z, t) / sigma(t))
+
+* ``dpm2`` (default, the paper's update): Heun's 2nd-order method,
+  z~ = z_t - dt f(z_t, t)                        (Euler predictor)
+  z_{t-dt} = z_t - dt/2 [f(z_t, t) + f(z~, t - dt)]
+  (two backbone calls per step).
+* ``ddim`` (eta = 0): x0_hat = (z_t - sigma_t eps_hat) / sqrt(abar_t),
+  z_s = sqrt(abar_s) x0_hat + sigma_s eps_hat.
+* ``euler``: the predictor alone (first order; kept as the baseline the tests compare against).
+
+Text under ``absorbing`` starts all-MASK. A step from t to s uses the exact absorbing posterior
+given the model's clean-token estimate p0(y) = softmax_{y != MASK}(s_y) (the log-scores are
+log p0(y) + log(e^-sigma / (1 - e^-sigma)), so normalizing exp(s_y) over y != MASK gives p0): a
+masked position stays masked with probability (1 - e^{-sigma(s)}) / (1 - e^{-sigma(t)}), else
+it becomes y ~ p0; an unmasked position is final. The last step goes to s = 0 (stay
+probability 0), so no MASK remains. Under ``gaussian`` the text latents are solved by the same
+ODE and decoded by argmax of ``vae.decode_text`` (MASK excluded).
+
+In ``joint`` mode both modalities share t. For ``dpm2`` the text posterior step t -> s is taken
+with the first call's log-scores, so the corrector call at s sees both modalities at time s.
+
+Classifier-free guidance (``guidance_scale`` w != 1): eps = eps_u + w (eps_c - eps_u) and
+s = s_u + w (s_c - s_u) for the log-scores; the unconditional call uses the null category and,
+in ``t2i``, all-MASK text (absorbing) or pure-noise text latents (gaussian) at t_txt = 1, in
+``i2t`` a pure-noise image at t_img = 1 (the same inputs ``mdm_loss`` trains on when it drops a
+condition). The two calls are batched together. w = 1 skips the unconditional call.
+
+Given conditions are VAE-encoded and sampled (z = mu + sigma eps), as ``mdm_loss`` does.
+Every random number comes from ``generator`` (which must live on the model's device), so a
+seeded generator makes the output reproducible.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mdm_dist.diffusion.objectives import I2T, T2I, TASKS
+from mdm_dist.diffusion.schedules import VPSchedule, from_config
+
+SAMPLERS = ("dpm2", "ddim", "euler")
+
+
+def guide(cond: torch.Tensor, uncond: torch.Tensor, w: float) -> torch.Tensor:
+    """Classifier-free guidance: uncond + w (cond - uncond)."""
+    return uncond + w * (cond - uncond)
+
+
+def pf_ode_drift(z: torch.Tensor, eps_hat: torch.Tensor, t: float, vp: VPSchedule) -> torch.Tensor:
+    """VP probability-flow drift f(z, t) = -1/2 beta(t) (z - eps_hat / sigma(t))."""
+    beta, sigma = float(vp.beta(t)), float(vp.sigma(t))
+    return -0.5 * beta * (z - eps_hat / sigma)
+
+
+def ddim_step(z: torch.Tensor, eps_hat: torch.Tensor, t: float, s: float, vp: VPSchedule) -> torch.Tensor:
+    """Deterministic DDIM from t to s: sqrt(abar_s) x0_hat + sigma_s eps_hat."""
+    a_t, a_s = float(vp.alpha_bar(t)), float(vp.alpha_bar(s))
+    x0_hat = (z - float(vp.sigma(t)) * eps_hat) / a_t**0.5
+    return a_s**0.5 * x0_hat + float(vp.sigma(s)) * eps_hat
+
+
+def absorbing_step(
+    x: torch.Tensor, log_scores: torch.Tensor, stay_prob: float, mask_id: int,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """One reverse step of the absorbing process (see the module doc).
+
+    x (B, L) ids with MASKs; log_scores (B, L, V); stay_prob = (1 - e^-sigma_s) / (1 - e^-sigma_t).
+    Each masked position independently stays MASK with prob ``stay_prob``, else takes
+    y ~ p0 = softmax over y != MASK of the log-scores (Gumbel-max, so ``generator`` decides).
+    """
+    s = log_scores.float().clone()
+    s[..., mask_id] = float("-inf")
+    logp = torch.log_softmax(s, dim=-1)
+    u = torch.rand(logp.shape, generator=generator, device=logp.device, dtype=logp.dtype)
+    gumbel = -torch.log(-torch.log(u.clamp_min(1e-20)))
+    y = (logp + gumbel).argmax(-1)
+    keep = torch.rand(x.shape, generator=generator, device=x.device) < stay_prob
+    unmask = (x == mask_id) & ~keep
+    return torch.where(unmask, y, x)
+
+
+def _latent_dtype(model) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return torch.float64 if p.dtype == torch.float64 else torch.float32
+    return torch.float32
+
+
+def _device(model) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def sample(
+    model,
+    mode: str,
+    batch_size: int | None = None,
+    ids: torch.Tensor | None = None,
+    images: torch.Tensor | None = None,
+    img_latents: torch.Tensor | None = None,
+    category: torch.Tensor | int | None = None,
+    steps: int | None = None,
+    sampler: str | None = None,
+    guidance_scale: float | None = None,
+    generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:
+    """Generate with an MDM (``.vae``, ``.backbone``, ``.cfg``).
+
+    Args:
+        mode: ``"joint"`` (image and caption together; needs ``batch_size`` or ``category``),
+            ``"t2i"`` (needs ``ids`` (B, L)), ``"i2t"`` (needs ``images`` (B, 3, H, W) in [-1, 1]
+            or ``img_latents`` (B, N, d_z) clean image latents).
+        category: (B,) long, an int for all, or None (class 0).
+        steps, sampler (``dpm2`` | ``ddim`` | ``euler``), guidance_scale: default to
+            ``cfg.diffusion.sample_steps``, ``.sampler``, ``.guidance_scale``.
+        generator: a torch.Generator on the model's device for reproducible samples.
+
+    Returns:
+        dict with ``images`` (B, 3, H, W) clamped to [-1, 1], ``ids`` (B, L) long (never MASK),
+        ``img_latents`` (B, N, d_z). A given condition is returned: ``ids`` for t2i; for i2t
+        ``img_latents`` are the (sampled) condition latents and ``images`` their decoding.
+        Latents are float32 (float64 if the model is) whatever the model dtype; the VAE's
+        decoders get their parameter dtype.
+    Runs under ``torch.no_grad()`` in eval mode; the model's training flag is restored.
+    """
+    d = model.cfg.diffusion
+    if mode not in TASKS:
+        raise ValueError(f"sample mode {mode!r}; allowed values: {', '.join(TASKS)}")
+    sampler = sampler or d.sampler
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler {sampler!r}; allowed values: {', '.join(SAMPLERS)}")
+    steps = d.sample_steps if steps is None else int(steps)
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    w = d.guidance_scale if guidance_scale is None else float(guidance_scale)
+    if mode == "t2i" and ids is None:
+        raise ValueError("sample(mode='t2i') needs ids (B, L): the text condition")
+    if mode == "i2t" and images is None and img_latents is None:
+        raise ValueError("sample(mode='i2t') needs images (B, 3, H, W) or img_latents (B, N, d_z)")
+
+    was_training = model.training
+    model.eval()
+    try:
+        return _sample(model, TASKS.index(mode), batch_size, ids, images, img_latents, category,
+                       steps, sampler, w, generator)
+    finally:
+        model.train(was_training)
+
+
+def _sample(model, mode, batch_size, ids, images, img_latents, category, steps, sampler, w, gen):
+    cfg = model.cfg
+    d, v = cfg.diffusion, cfg.vae
+    vae, backbone = model.vae, model.backbone
+    device, dtype = _device(model), _latent_dtype(model)
+    vdt = next((p.dtype for p in vae.parameters() if p.is_floating_point()), dtype)  # VAE inputs
+    sched = from_config(d)
+    vp, tnoise = sched.vp, sched.text
+    absorbing = d.text_process == "absorbing"
+    L, N, dz = v.max_text_len, vae.num_image_tokens, v.d_z
+
+    # -- batch size and category ----------------------------------------------------------
+    sizes = {}
+    if ids is not None and mode == T2I:
+        sizes["ids"] = ids.shape[0]
+    if mode == I2T:
+        sizes["images" if img_latents is None else "img_latents"] = (images if img_latents is None else img_latents).shape[0]
+    if isinstance(category, torch.Tensor):
+        sizes["category"] = category.shape[0]
+    if batch_size is not None:
+        sizes["batch_size"] = batch_size
+    if not sizes:
+        raise ValueError("sample(mode='joint') needs batch_size (or a category tensor)")
+    if len(set(sizes.values())) != 1:
+        raise ValueError(f"inconsistent batch sizes: {sizes}")
+    b = next(iter(sizes.values()))
+    if category is None:
+        category = torch.zeros(b, dtype=torch.long, device=device)
+    elif isinstance(category, int):
+        category = torch.full((b,), category, dtype=torch.long, device=device)
+    else:
+        category = category.to(device=device, dtype=torch.long)
+    null = torch.full_like(category, cfg.model.num_categories)
+
+    def randn(*shape):
+        return torch.randn(shape, generator=gen, device=device, dtype=dtype)
+
+    gen_txt, gen_img = mode != T2I, mode != I2T
+
+    # -- initial states and conditions (random draws in a fixed order) ------------------------
+    if gen_img:
+        z_img = randn(b, N, dz)
+    else:
+        if img_latents is None:
+            img_latents = vae.sample(*vae.encode_image(images.to(device)), gen)
+        z_img = img_latents.to(device=device, dtype=dtype)
+    if gen_txt:
+        x = torch.full((b, L), v.mask_id, dtype=torch.long, device=device)
+        z_txt = None if absorbing else randn(b, L, dz)
+    else:
+        x = ids.to(device=device, dtype=torch.long)
+        z_txt = vae.sample(*vae.encode_text(x), gen).to(dtype)
+    use_cfg = w != 1.0
+    if use_cfg and mode == T2I:  # unconditional text input
+        if absorbing:
+            u_ids = torch.full((b, L), v.mask_id, dtype=torch.long, device=device)
+            u_txt = vae.sample(*vae.encode_text(u_ids), gen).to(dtype)
+        else:
+            u_txt = randn(b, L, dz)
+    if use_cfg and mode == I2T:
+        u_img = randn(b, N, dz)
+
+    def text_latent(x_ids, z):
+        if gen_txt and absorbing:
+            return vae.sample(*vae.encode_text(x_ids), gen).to(dtype)
+        return z
+
+    def denoise(txt, img, t: float):
+        """(text prediction, image eps): text prediction = log-scores (absorbing) or eps."""
+        ones = torch.ones(b, device=device, dtype=torch.float32)
+        t_txt = ones * (t if gen_txt else 0.0)
+        t_img = ones * (t if gen_img else 0.0)
+        cat = category
+        if use_cfg:
+            u_txt_in, ut_txt = (u_txt, ones) if mode == T2I else (txt, t_txt)
+            u_img_in, ut_img = (u_img, ones) if mode == I2T else (img, t_img)
+            txt = torch.cat([txt, u_txt_in.to(txt.dtype)])
+            img = torch.cat([img, u_img_in.to(img.dtype)])
+            t_txt, t_img = torch.cat([t_txt, ut_txt]), torch.cat([t_img, ut_img])
+            cat = torch.cat([category, null])
+        txt_out, img_out = backbone(txt, img, t_txt, t_img, cat)
+        txt_pred = vae.decode_text(txt_out).float() if absorbing else txt_out.to(dtype)
+        img_pred = img_out.to(dtype)
+        if use_cfg:
+            txt_pred = guide(txt_pred[:b], txt_pred[b:], w)
+            img_pred = guide(img_pred[:b], img_pred[b:], w)
+        return txt_pred, img_pred
+
+    # the continuous latents this run integrates: image and/or gaussian text
+    def ode_states():
+        return [z for z, on in ((z_img, gen_img), (z_txt, gen_txt and not absorbing)) if on]
+
+    ts = torch.linspace(1.0, d.t_eps, steps + 1, dtype=torch.float64).tolist()
+    for i in range(steps):
+        t, s = ts[i], ts[i + 1]
+        txt_pred, img_eps = denoise(text_latent(x, z_txt), z_img, t)
+        eps = []
+        if gen_img:
+            eps.append(img_eps)
+        if gen_txt and absorbing:
+            # (1 - e^-sigma(s)) / (1 - e^-sigma(t)); the last step goes to s = 0
+            stay = 0.0 if i == steps - 1 else float(tnoise.mask_prob(s) / tnoise.mask_prob(t))
+            x = absorbing_step(x, txt_pred, stay, v.mask_id, gen)
+        elif gen_txt:
+            eps.append(txt_pred)
+        states = ode_states()
+        if not states:
+            continue
+        if sampler == "ddim":
+            new = [ddim_step(z, e, t, s, vp) for z, e in zip(states, eps)]
+        else:
+            d1 = [pf_ode_drift(z, e, t, vp) for z, e in zip(states, eps)]
+            new = [z - (t - s) * f for z, f in zip(states, d1)]  # Euler predictor
+            if sampler == "dpm2":
+                z_img_p = new[0] if gen_img else z_img
+                z_txt_p = new[-1] if (gen_txt and not absorbing) else z_txt
+                txt_pred2, img_eps2 = denoise(text_latent(x, z_txt_p), z_img_p, s)
+                eps2 = ([img_eps2] if gen_img else []) + ([txt_pred2] if gen_txt and not absorbing else [])
+                d2 = [pf_ode_drift(zp, e, s, vp) for zp, e in zip(new, eps2)]
+                new = [z - (t - s) / 2 * (f1 + f2) for z, f1, f2 in zip(states, d1, d2)]
+        if gen_img:
+            z_img = new[0]
+        if gen_txt and not absorbing:
+            z_txt = new[-1]
+
+    if gen_txt and not absorbing:
+        logits = vae.decode_text(z_txt.to(vdt)).float()
+        logits[..., v.mask_id] = float("-inf")
+        x = logits.argmax(-1)
+    images_out = vae.decode_image(z_img.to(vdt)).float().clamp(-1.0, 1.0)
+    return {"images": images_out, "ids": x, "img_latents": z_img}
+
+
+__all__ = ["sample", "guide", "pf_ode_drift", "ddim_step", "absorbing_step", "SAMPLERS"]

@@ -1,0 +1,320 @@
+"""Objectives: score entropy against a brute-force formula and at its optimum, the absorbing
+forward process, the DSM weight, and mdm_loss on the real tiny MDM (terms, gradients, tasks,
+condition dropout, determinism)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from mdm_dist.config import load_config
+from mdm_dist.diffusion import absorb, draw_tasks, dsm_image_weight, mdm_loss, score_entropy_absorbing
+from mdm_dist.diffusion.schedules import LogLinearNoise, VPSchedule, from_config
+
+MASK = 1
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on a shared CPU OpenMP's spinning
+    threads make them ~30x slower; restore the setting afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+# ----------------------------------------------------------------------------------------------
+# Score entropy
+# ----------------------------------------------------------------------------------------------
+
+
+def brute_force_se(s, x0, xt, sigma, mask_id):
+    """The spec's formula, literally, in float64 loops."""
+    B, L, V = s.shape
+    out = torch.zeros(B, L, dtype=torch.float64)
+    for b in range(B):
+        r = 1.0 / (math.exp(float(sigma[b])) - 1.0)
+        for i in range(L):
+            if int(xt[b, i]) != mask_id:
+                continue
+            total = sum(math.exp(float(s[b, i, y])) for y in range(V) if y != mask_id)
+            out[b, i] = total - r * float(s[b, i, int(x0[b, i])]) + r * (math.log(r) - 1.0)
+    return out
+
+
+def random_case(B=3, L=5, V=7, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(B, L, V, generator=g, dtype=dtype) * 2
+    x0 = torch.randint(0, V - 1, (B, L), generator=g)
+    x0[x0 >= MASK] += 1  # never MASK
+    xt = torch.where(torch.rand(B, L, generator=g) < 0.6, torch.full_like(x0, MASK), x0)
+    sigma = torch.rand(B, generator=g, dtype=torch.float64) * 3 + 0.01
+    return s, x0, xt, sigma
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_score_entropy_matches_brute_force_and_is_nonnegative(seed):
+    s, x0, xt, sigma = random_case(seed=seed)
+    got = score_entropy_absorbing(s, x0, xt, sigma, MASK)
+    ref = brute_force_se(s, x0, xt, sigma, MASK)
+    torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
+    assert (got >= 0).all()
+    assert (got[xt != MASK] == 0).all() and (got[xt == MASK] > 0).all()
+    # float32 input: computed in float32, close to the float64 reference
+    got32 = score_entropy_absorbing(s.float(), x0, xt, sigma.float(), MASK)
+    assert got32.dtype == torch.float32
+    torch.testing.assert_close(got32.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_score_entropy_ignores_the_mask_column():
+    s, x0, xt, sigma = random_case()
+    s2 = s.clone()
+    s2[..., MASK] = 50.0
+    torch.testing.assert_close(score_entropy_absorbing(s2, x0, xt, sigma, MASK),
+                               score_entropy_absorbing(s, x0, xt, sigma, MASK))
+
+
+def test_score_entropy_optimum_is_zero_with_zero_gradient():
+    s, x0, xt, sigma = random_case()
+    log_r = -torch.log(torch.expm1(sigma))  # log r, r = 1 / (e^sigma - 1), rounded as the loss does
+    opt = torch.full_like(s, float("-inf"))
+    opt.scatter_(-1, x0[..., None], 0.0)
+    opt = opt + log_r[:, None, None]  # s_y0 = log r, others -inf
+    opt.requires_grad_(True)
+    loss = score_entropy_absorbing(opt, x0, xt, sigma, MASK)
+    assert (loss == 0).all()
+    loss.sum().backward()
+    assert torch.isfinite(opt.grad).all() and (opt.grad == 0).all()
+    # a perturbation of the optimum (finite logits) increases the loss
+    near = torch.where(torch.isinf(opt.detach()), torch.full_like(s, -30.0), opt.detach())
+    for delta in (0.1, -0.1):
+        bumped = near.clone()
+        bumped.scatter_add_(-1, x0[..., None], torch.full_like(x0[..., None], delta, dtype=s.dtype))
+        assert (score_entropy_absorbing(bumped, x0, xt, sigma, MASK)[xt == MASK] > 0).all()
+
+
+def test_score_entropy_safe_when_sigma_is_zero():
+    """Samples whose text is a clean condition have sigma = 0 and nothing masked."""
+    s, x0, xt, sigma = random_case()
+    xt[0] = x0[0]
+    sigma[0] = 0.0
+    s.requires_grad_(True)
+    loss = score_entropy_absorbing(s, x0, xt, sigma, MASK)
+    loss.sum().backward()
+    assert torch.isfinite(loss).all() and (loss[0] == 0).all()
+    assert torch.isfinite(s.grad).all() and (s.grad[0] == 0).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward processes and weights
+# ----------------------------------------------------------------------------------------------
+
+
+def test_absorbing_mask_frequency_matches_one_minus_exp_minus_sigma():
+    noise = LogLinearNoise(1e-3)
+    t = torch.tensor([0.0, 0.05, 0.3, 0.7, 1.0])
+    sigma = noise.sigma(t)
+    n = 40_000
+    ids = torch.randint(2, 100, (5, n), generator=torch.Generator().manual_seed(0))
+    xt = absorb(ids, sigma, MASK, torch.rand(5, n, generator=torch.Generator().manual_seed(1)))
+    freq = (xt == MASK).double().mean(1)
+    p = 1 - torch.exp(-sigma.double())
+    tol = 5 * torch.sqrt(p * (1 - p) / n) + 1e-12  # 5 binomial standard deviations
+    assert ((freq - p).abs() <= tol).all(), (freq, p)
+    assert torch.equal(xt[xt != MASK], ids[xt != MASK])  # unmasked tokens are untouched
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_dsm_weight(kind):
+    vp = VPSchedule(kind)
+    t = torch.cat([torch.tensor([0.0, 1e-6, 1e-3]), torch.linspace(0.01, 1, 100)])
+    w = dsm_image_weight(t, vp, "elbo", 5.0)
+    assert torch.isfinite(w).all() and (w > 0).all() and (w <= 5.0).all()
+    assert float(dsm_image_weight(torch.tensor([0.5]), vp, "elbo", 5.0)) == pytest.approx(1.0, rel=1e-6)
+    assert float(w[2]) == 5.0  # clamped near t = 0 (unclamped ~ 1 / t)
+    # unclamped, it is -d log SNR / dt normalized at 0.5
+    h = 1e-6
+    tc = torch.tensor([0.3, 0.6], dtype=torch.float64)
+    dlog = -(vp.log_snr(tc + h) - vp.log_snr(tc - h)) / (2 * h)
+    ref = dlog / (-(vp.log_snr(0.5 + h) - vp.log_snr(0.5 - h)) / (2 * h))
+    torch.testing.assert_close(dsm_image_weight(tc, vp, "elbo", 1e9), ref.clamp(max=1e9), rtol=1e-5, atol=0)
+    assert torch.equal(dsm_image_weight(t, vp, "eps", 5.0), torch.ones_like(t))
+    with pytest.raises(ValueError, match="elbo, eps"):
+        dsm_image_weight(t, vp, "snr", 5.0)
+
+
+def test_draw_tasks_follows_the_config():
+    cfg = load_config(None, overrides=["diffusion.task_probs={joint: 0.5, t2i: 0.3, i2t: 0.2}", "diffusion.p_uncond=0.1"])
+    n = 50_000
+    d = draw_tasks(cfg, n, "cpu", torch.Generator().manual_seed(0))
+    freq = torch.bincount(d["task"], minlength=3).double() / n
+    torch.testing.assert_close(freq, torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64), atol=0.01, rtol=0)
+    assert abs(float(d["drop"].double().mean()) - 0.1) < 0.01
+    for k in ("t_txt", "t_img"):
+        assert d[k].min() >= cfg.diffusion.t_eps and d[k].max() <= 1.0
+        assert abs(float(d[k].mean()) - 0.5) < 0.01
+    only = load_config(None, overrides=["diffusion.task_probs={t2i: 1.0}"])
+    assert (draw_tasks(only, 100, "cpu")["task"] == 1).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# mdm_loss on the real tiny MDM
+# ----------------------------------------------------------------------------------------------
+
+TINY = [
+    "model.d_model=32", "model.n_layers=2", "model.headdim=16", "model.d_state=8",
+    "vae.image_size=16", "vae.base_channels=8", "vae.trunk_width=32", "vae.d_z=8",
+    "vae.vocab_size=32", "vae.max_text_len=6",
+]
+B = 6
+
+
+def tiny(*overrides, seed=0):
+    from mdm_dist.models.mdm import build_model
+
+    cfg = load_config(None, overrides=[*TINY, *overrides])
+    torch.manual_seed(seed)
+    model = build_model(cfg)
+    with torch.no_grad():  # the output heads are zero-initialized; give them weights so every
+        for head in (model.backbone.txt_out, model.backbone.img_out):  # parameter gets a gradient
+            nn.init.normal_(head.weight, std=0.1)
+    return cfg, model
+
+
+def make_batch(cfg, seed=0, pixels=True):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, cfg.vae.vocab_size, (B, cfg.vae.max_text_len), generator=g)
+    batch = {"ids": ids, "category": torch.randint(0, cfg.model.num_categories, (B,), generator=g)}
+    if pixels:
+        batch["images"] = torch.rand(B, 3, cfg.vae.image_size, cfg.vae.image_size, generator=g) * 2 - 1
+    else:
+        n = (cfg.vae.image_size // 4) ** 2  # channel_mult [1, 2] -> /2, patch 2
+        batch["img_mu"] = torch.randn(B, n, cfg.vae.d_z, generator=g)
+        batch["img_logvar"] = torch.full((B, n, cfg.vae.d_z), -4.0)
+    return batch
+
+
+def loss_of(model, batch, cfg, seed=0, **kw):
+    return mdm_loss(model, batch, cfg, generator=torch.Generator().manual_seed(seed), **kw)
+
+
+ALL = {"task": ["joint", "t2i", "i2t", "joint", "t2i", "i2t"]}
+
+
+@pytest.mark.parametrize("text_process, objective", [("absorbing", "se"), ("gaussian", "se"), ("gaussian", "ddpm")])
+def test_mdm_loss_terms_finite_and_gradients_reach_every_parameter(text_process, objective):
+    cfg, model = tiny(f"diffusion.text_process={text_process}", f"diffusion.objective={objective}")
+    batch = make_batch(cfg)
+    out = loss_of(model, batch, cfg, fixed=ALL)
+    assert set(out) == {"rec_img", "rec_txt", "kl", "se_txt", "se_img", "total"}
+    for k, v in out.items():
+        assert v.dim() == 0 and v.dtype == torch.float32 and torch.isfinite(v), k
+    d = cfg.diffusion
+    expect = (d.lambda_rec_img * out["rec_img"] + d.lambda_rec_txt * out["rec_txt"]
+              + cfg.vae.beta_kl * out["kl"] + d.lambda_se * (out["se_txt"] + out["se_img"]))
+    torch.testing.assert_close(out["total"], expect)
+    out["total"].backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)]
+    assert not missing, missing
+
+
+def test_objective_ddpm_differs_from_se():
+    cfg_se, model = tiny("diffusion.text_process=gaussian", "diffusion.objective=se")
+    cfg_dd = load_config(None, overrides=[*TINY, "diffusion.text_process=gaussian", "diffusion.objective=ddpm"])
+    batch = make_batch(cfg_se)
+    a, b = loss_of(model, batch, cfg_se, fixed=ALL), loss_of(model, batch, cfg_dd, fixed=ALL)
+    for k in ("rec_img", "rec_txt", "kl"):  # same draws: the VAE terms agree
+        torch.testing.assert_close(a[k], b[k])
+    assert not torch.allclose(a["se_txt"], b["se_txt"]) and not torch.allclose(a["se_img"], b["se_img"])
+    # and under ddpm the image term is the plain eps MSE, under se the weighted one
+    t = torch.full((B,), 0.02)
+    a = loss_of(model, batch, cfg_se, fixed={"task": "t2i", "t_img": t})
+    b = loss_of(model, batch, cfg_dd, fixed={"task": "t2i", "t_img": t})
+    w = dsm_image_weight(t, from_config(cfg_se.diffusion).vp, "elbo", cfg_se.diffusion.max_image_weight)
+    torch.testing.assert_close(a["se_img"], w[0] * b["se_img"])
+
+
+def test_tasks_decide_which_terms_exist():
+    cfg, model = tiny()
+    batch = make_batch(cfg)
+    out = loss_of(model, batch, cfg, fixed={"task": "t2i"})
+    assert "se_txt" not in out and "se_img" in out
+    out["total"].backward()  # the omitted term still leaves every parameter in the graph
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    out = loss_of(model, batch, cfg, fixed={"task": "i2t"})
+    assert "se_img" not in out and "se_txt" in out
+    out = loss_of(model, make_batch(cfg, pixels=False), cfg)
+    assert "rec_img" not in out and {"rec_txt", "kl", "total"} <= set(out)
+
+
+class Recorder(nn.Module):
+    """Wraps the real backbone and keeps its inputs and outputs."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.seen = None
+
+    def forward(self, *args):
+        out = self.inner(*args)
+        self.seen = (args, out)
+        return out
+
+
+def test_conditions_dropout_and_text_normalization():
+    cfg, model = tiny()
+    model.backbone = Recorder(model.backbone)
+    batch = make_batch(cfg)
+    L, mask_id, null = cfg.vae.max_text_len, cfg.vae.mask_id, cfg.model.num_categories
+    g = torch.Generator().manual_seed(5)
+    n = model.vae.num_image_tokens
+    fixed = {
+        "task": ["joint", "t2i", "i2t", "t2i", "i2t", "joint"],
+        "drop": torch.tensor([False, False, False, True, True, True]),
+        "t_txt": torch.rand(B, generator=g) * 0.9 + 0.05,
+        "t_img": torch.rand(B, generator=g) * 0.9 + 0.05,
+        "mask_noise": torch.rand(B, L, generator=g),
+        "eps_img": torch.randn(B, n, cfg.vae.d_z, generator=g),
+    }
+    out = loss_of(model, batch, cfg, fixed=fixed)
+    (txt, img, t_txt, t_img, cat), (txt_out, img_out) = model.backbone.seen
+    assert torch.equal(t_txt[[1]], torch.zeros(1)) and torch.equal(t_img[[2]], torch.zeros(1))  # clean conditions
+    assert float(t_txt[3]) == 1.0 and float(t_img[4]) == 1.0  # dropped conditions: pure noise
+    assert torch.equal(img[4], fixed["eps_img"][4])
+    torch.testing.assert_close(t_txt[[0, 2, 4, 5]], fixed["t_txt"][[0, 2, 4, 5]])
+    assert torch.equal(cat[3:], torch.full((3,), null)) and torch.equal(cat[:3], batch["category"][:3])
+    # the text term, recomputed: dsigma(t) / L * sum of the masked positions' score entropy,
+    # averaged over the samples whose text is generated (joint and i2t: 0, 2, 4, 5)
+    sched = from_config(cfg.diffusion)
+    tt = torch.where(torch.tensor([False, True, False, True, False, False]), torch.tensor([0.0, 0, 0, 1, 0, 0]), fixed["t_txt"])
+    sigma = sched.text.sigma(tt)
+    xt = absorb(batch["ids"], sigma, mask_id, fixed["mask_noise"])
+    xt[3] = mask_id  # the dropped t2i text condition is all-MASK
+    assert (xt[1] == batch["ids"][1]).all()
+    se = score_entropy_absorbing(model.vae.decode_text(txt_out), batch["ids"], xt, sigma, mask_id)
+    per = sched.text.dsigma(tt) * se.sum(-1) / L
+    torch.testing.assert_close(out["se_txt"], per[[0, 2, 4, 5]].mean())
+
+
+def test_fixed_noise_is_deterministic():
+    cfg, model = tiny()
+    batch = make_batch(cfg)
+    a, b, c = loss_of(model, batch, cfg, seed=1), loss_of(model, batch, cfg, seed=1), loss_of(model, batch, cfg, seed=2)
+    assert set(a) == set(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert not torch.equal(a["total"], c["total"])
+
+
+def test_errors():
+    cfg, model = tiny()
+    batch = make_batch(cfg)
+    bad = dict(batch, ids=batch["ids"].clone())
+    bad["ids"][0, 0] = cfg.vae.mask_id
+    with pytest.raises(ValueError, match="MASK"):
+        mdm_loss(model, bad, cfg)
+    with pytest.raises(ValueError, match="img_mu"):
+        mdm_loss(model, {"ids": batch["ids"]}, cfg)

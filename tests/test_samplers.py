@@ -1,0 +1,326 @@
+"""Samplers: ODE solvers against the exact Gaussian flow, the absorbing text sampler against an
+oracle, determinism, validity of outputs, CFG, errors, and all modes with the real tiny MDM."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from mdm_dist.config import load_config
+from mdm_dist.diffusion import sample
+from mdm_dist.diffusion.samplers import absorbing_step, guide
+from mdm_dist.diffusion.schedules import from_config
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors gain nothing from intra-op threads, and on a shared CPU OpenMP's spinning
+    threads make them ~30x slower; restore the setting afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+# ----------------------------------------------------------------------------------------------
+# Stand-ins with the docs/model.md interfaces, small enough for exact math
+# ----------------------------------------------------------------------------------------------
+
+V, L, N, DZ = 8, 5, 6, 8  # vocab, text length, image tokens, latent width (N * DZ = 3 * 4 * 4)
+
+
+class StubVAE(nn.Module):
+    """d_z == vocab: text latents are one-hot ids and decode_text is the identity, so a backbone
+    stand-in writes log-scores directly. Images (B, 3, 4, 4) <-> latents (B, 6, 8) by reshape."""
+
+    num_image_tokens = N
+    grid = (2, 3)
+
+    def __init__(self, dtype=torch.float64):
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros((), dtype=dtype))  # fixes the sampler's dtype
+
+    def encode_text(self, ids):
+        mu = nn.functional.one_hot(ids, V).to(self.dummy.dtype)
+        return mu, torch.full_like(mu, -30.0)
+
+    def decode_text(self, z):
+        return z
+
+    def encode_image(self, x):
+        mu = x.reshape(x.shape[0], N, DZ).to(self.dummy.dtype)
+        return mu, torch.full_like(mu, -30.0)
+
+    def decode_image(self, z):
+        return z.reshape(z.shape[0], 3, 4, 4)
+
+    @staticmethod
+    def kl(mu, logvar):
+        return 0.5 * (mu.square() + logvar.exp() - 1 - logvar).sum(-1)
+
+    @staticmethod
+    def sample(mu, logvar, generator=None):
+        return mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=generator, dtype=mu.dtype)
+
+
+class GaussianOracle(nn.Module):
+    """Exact eps for image latents z_0 ~ N(m, s^2 I). With z_t = sqrt(a) z_0 + sigma eps,
+    p_t = N(sqrt(a) m, (a s^2 + sigma^2) I), so score = -(z - sqrt(a) m) / (a s^2 + sigma^2) and
+    eps* = -sigma * score = sigma (z - sqrt(a) m) / (a s^2 + sigma^2). The text output is a
+    category-dependent constant (for the CFG tests)."""
+
+    def __init__(self, vp, m, s):
+        super().__init__()
+        self.vp, self.m, self.s = vp, m, s
+        self.calls = 0
+
+    def forward(self, txt, img, t_txt, t_img, category):
+        self.calls += 1
+        t = t_img.double()
+        a = self.vp.alpha_bar(t)[:, None, None]
+        sig = self.vp.sigma(t)[:, None, None]
+        eps = sig * (img.double() - a.sqrt() * self.m) / (a * self.s**2 + sig**2)
+        txt_out = category.to(txt.dtype)[:, None, None] * torch.linspace(-1, 1, V, dtype=txt.dtype)
+        return txt_out.expand_as(txt).clone(), eps.to(img.dtype)
+
+
+class TextOracle(nn.Module):
+    """Log-scores that put all the mass on ``target`` (B, L) ids (mask column included, which
+    the sampler must ignore); the image output is 0."""
+
+    def __init__(self, target, mask_id):
+        super().__init__()
+        self.target, self.mask_id = target, mask_id
+
+    def forward(self, txt, img, t_txt, t_img, category):
+        out = torch.full(txt.shape, -60.0, dtype=txt.dtype)
+        out.scatter_(-1, self.target[..., None], 0.0)
+        out[..., self.mask_id] = 10.0  # must never be produced
+        return out, torch.zeros_like(img)
+
+
+class StubMDM(nn.Module):
+    def __init__(self, cfg, backbone, dtype=torch.float64):
+        super().__init__()
+        self.cfg, self.vae, self.backbone = cfg, StubVAE(dtype), backbone
+
+
+def stub_cfg(*extra):
+    return load_config(None, overrides=[f"vae.vocab_size={V}", f"vae.max_text_len={L}", f"vae.d_z={DZ}", *extra])
+
+
+def gaussian_setup(schedule="cosine", m=0.7, s=0.5):
+    cfg = stub_cfg(f"diffusion.schedule={schedule}")
+    vp = from_config(cfg.diffusion).vp
+    return cfg, vp, StubMDM(cfg, GaussianOracle(vp, m, s))
+
+
+def exact_flow(z1, vp, m, s, t_end):
+    """The PF ODE of a Gaussian keeps xi = (z_t - sqrt(a_t) m) / sqrt(a_t s^2 + sigma_t^2) fixed."""
+    a1, s1 = float(vp.alpha_bar(1.0)), float(vp.sigma2(1.0))
+    xi = (z1 - a1**0.5 * m) / (a1 * s**2 + s1) ** 0.5
+    a, s2 = float(vp.alpha_bar(t_end)), float(vp.sigma2(t_end))
+    return a**0.5 * m + (a * s**2 + s2) ** 0.5 * xi
+
+
+def t2i(model, b, steps, sampler, seed=0, **kw):
+    ids = torch.full((b, L), 3, dtype=torch.long)
+    return sample(model, "t2i", ids=ids, steps=steps, sampler=sampler,
+                  generator=torch.Generator().manual_seed(seed), **kw)
+
+
+# ----------------------------------------------------------------------------------------------
+# Continuous solvers
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+@pytest.mark.parametrize("sampler", ["dpm2", "ddim"])
+def test_ode_solvers_recover_gaussian_data(schedule, sampler):
+    m, s = 0.7, 0.5
+    cfg, vp, model = gaussian_setup(schedule, m, s)
+    z = t2i(model, 2000, 100, sampler)["img_latents"]  # 96k values: sampling error ~0.3%
+    assert z.dtype == torch.float64
+    assert float(z.mean()) == pytest.approx(m, rel=0.02)
+    # DDIM is first order and contracts the spread of a Gaussian at every step (by
+    # Cauchy-Schwarz); on the uniform t grid it is ~2.5% narrow at 100 steps, dpm2 ~0.1%
+    assert float(z.std()) == pytest.approx(s, rel=0.02 if sampler == "dpm2" else 0.04)
+
+
+@pytest.mark.parametrize("schedule, steps", [("cosine", 10), ("linear", 20)])
+def test_dpm2_is_second_order_and_beats_euler(schedule, steps):
+    m, s = 0.7, 0.5
+    cfg, vp, model = gaussian_setup(schedule, m, s)
+    b = 64
+    # the sampler's first draw is the initial image noise z_1: reproduce it for the exact flow
+    z1 = torch.randn((b, N, DZ), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    exact = exact_flow(z1, vp, m, s, cfg.diffusion.t_eps)
+    err = {}
+    for sampler in ("euler", "dpm2"):
+        for n in (steps, 2 * steps):
+            z = t2i(model, b, n, sampler)["img_latents"]
+            err[sampler, n] = float((z - exact).square().mean().sqrt())
+    for n in (steps, 2 * steps):
+        assert err["dpm2", n] < err["euler", n] / 3
+    # halving dt divides the error by ~2 (1st order) vs ~4 (2nd order). (The cosine's error
+    # floors at ~3e-4 from 40 steps on: the abar clamp on [t_max, 1], see schedules.py.)
+    assert err["euler", steps] / err["euler", 2 * steps] < 2.2
+    assert err["dpm2", steps] / err["dpm2", 2 * steps] > 3.3
+
+
+# ----------------------------------------------------------------------------------------------
+# Absorbing text sampler
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("steps", [1, 3, 16])
+def test_text_sampler_returns_the_oracle_sequence(steps):
+    cfg = stub_cfg()
+    mask_id = cfg.vae.mask_id
+    g = torch.Generator().manual_seed(1)
+    target = torch.randint(0, V, (4, L), generator=g)
+    target[target == mask_id] = 2
+    model = StubMDM(cfg, TextOracle(target, mask_id))
+    img = torch.zeros(4, 3, 4, 4)
+    out = sample(model, "i2t", images=img, steps=steps, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out["ids"], target)
+    out = sample(model, "joint", batch_size=4, steps=steps, sampler="ddim")
+    assert torch.equal(out["ids"], target)
+
+
+def test_absorbing_step_is_the_exact_posterior():
+    mask_id, n, stay = 1, 40_000, 0.3
+    p0 = torch.tensor([0.1, 0.0, 0.2, 0.05, 0.3, 0.15, 0.1, 0.1])  # p0[MASK] = 0
+    logits = torch.log(p0.clamp_min(1e-30)) + 7.0  # log-scores = log p0 + const
+    logits[mask_id] = 5.0  # the MASK column is ignored
+    x = torch.full((1, n), mask_id)
+    x[0, : n // 4] = 6  # already decoded: must stay
+    out = absorbing_step(x, logits.expand(1, n, V), stay, mask_id, torch.Generator().manual_seed(0))
+    assert (out[0, : n // 4] == 6).all()
+    rest = out[0, n // 4:]
+    m = rest.numel()
+    frac_masked = (rest == mask_id).float().mean()
+    assert abs(float(frac_masked) - stay) < 5 * (stay * (1 - stay) / m) ** 0.5
+    freq = torch.bincount(rest[rest != mask_id], minlength=V).double()
+    freq /= freq.sum()
+    sd = (p0.double() * (1 - p0.double()) / (m * (1 - stay))).sqrt()
+    assert ((freq - p0.double()).abs() <= 5 * sd + 1e-12).all()
+
+
+def test_text_outputs_valid():
+    cfg = stub_cfg()
+    model = StubMDM(cfg, GaussianOracle(from_config(cfg.diffusion).vp, 0.0, 1.0))
+    for seed in range(3):
+        out = sample(model, "joint", batch_size=64, steps=8, generator=torch.Generator().manual_seed(seed))
+        ids = out["ids"]
+        assert ids.dtype == torch.long and ids.shape == (64, L)
+        assert ((ids >= 0) & (ids < V)).all() and (ids != cfg.vae.mask_id).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# Determinism, validity, CFG, errors
+# ----------------------------------------------------------------------------------------------
+
+
+def test_seeded_determinism():
+    cfg, vp, model = gaussian_setup()
+    a = sample(model, "joint", batch_size=8, steps=5, generator=torch.Generator().manual_seed(3))
+    b = sample(model, "joint", batch_size=8, steps=5, generator=torch.Generator().manual_seed(3))
+    c = sample(model, "joint", batch_size=8, steps=5, generator=torch.Generator().manual_seed(4))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert not torch.equal(a["img_latents"], c["img_latents"])
+    assert not torch.equal(a["ids"], c["ids"])
+
+
+def test_outputs_valid_and_training_flag_restored():
+    cfg, vp, model = gaussian_setup(m=3.0, s=2.0)  # latents far outside [-1, 1]
+    model.train()
+    out = sample(model, "joint", batch_size=6, steps=4, sampler="dpm2", category=torch.arange(6) % 4)
+    assert model.training
+    img = out["images"]
+    assert img.shape == (6, 3, 4, 4) and torch.isfinite(img).all()
+    assert img.min() >= -1 and img.max() <= 1 and (img == 1).any()
+    assert out["img_latents"].shape == (6, N, DZ)
+    model.eval()
+    sample(model, "joint", batch_size=2, steps=1)
+    assert not model.training
+
+
+def test_cfg():
+    torch.testing.assert_close(guide(torch.tensor(3.0), torch.tensor(1.0), 2.5), torch.tensor(6.0))
+    cfg, vp, model = gaussian_setup()
+    cat = torch.full((16,), 2)
+    base = t2i(model, 16, 5, "dpm2", category=cat)
+    model.backbone.calls = 0
+    same = t2i(model, 16, 5, "dpm2", category=cat, guidance_scale=1.0)
+    assert model.backbone.calls == 10  # w = 1: no unconditional pass (2 calls / dpm2 step)
+    for k in base:
+        assert torch.equal(base[k], same[k])
+    # the text stand-in's log-scores are category * ramp (null = 4, cond = 2): guidance w with
+    # log-scores s_u + w (s_c - s_u) = (4 + w (2 - 4)) ramp; w = 2 gives 0 (uniform), w = 3 gives
+    # -2 ramp, so i2t captions concentrate on the lowest ids
+    img = torch.zeros(512, 3, 4, 4)
+    cat = torch.full((512,), 2)
+    out = sample(model, "i2t", images=img, category=cat, steps=2, guidance_scale=3.0,
+                 generator=torch.Generator().manual_seed(0))
+    frac_low = (out["ids"] == 0).float().mean()
+    ref = sample(model, "i2t", images=img, category=cat, steps=2, generator=torch.Generator().manual_seed(0))
+    assert frac_low > 0.5 and float((ref["ids"] == 0).float().mean()) < 0.1
+
+
+def test_errors():
+    cfg, vp, model = gaussian_setup()
+    with pytest.raises(ValueError, match="joint, t2i, i2t"):
+        sample(model, "uncond", batch_size=2)
+    with pytest.raises(ValueError, match="needs ids"):
+        sample(model, "t2i")
+    with pytest.raises(ValueError, match="needs images"):
+        sample(model, "i2t")
+    with pytest.raises(ValueError, match="batch_size"):
+        sample(model, "joint")
+    with pytest.raises(ValueError, match="dpm2, ddim"):
+        sample(model, "joint", batch_size=2, sampler="heun")
+    with pytest.raises(ValueError, match="inconsistent"):
+        sample(model, "t2i", ids=torch.zeros(3, L, dtype=torch.long), batch_size=2)
+
+
+# ----------------------------------------------------------------------------------------------
+# The real tiny MDM
+# ----------------------------------------------------------------------------------------------
+
+TINY = [
+    "model.d_model=32", "model.n_layers=2", "model.headdim=16", "model.d_state=8",
+    "vae.image_size=16", "vae.base_channels=8", "vae.trunk_width=32", "vae.d_z=8",
+    "vae.vocab_size=32", "vae.max_text_len=6",
+]
+
+
+@pytest.mark.parametrize("text_process", ["absorbing", "gaussian"])
+def test_all_modes_with_real_tiny_mdm(text_process):
+    from mdm_dist.models.mdm import build_model
+
+    cfg = load_config(None, overrides=[*TINY, f"diffusion.text_process={text_process}"])
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    for p in model.parameters():  # the output heads are zero-initialized: make them matter
+        torch.nn.init.normal_(p, std=0.05) if p.dim() >= 2 else None
+    b = 3
+    ids = torch.randint(2, cfg.vae.vocab_size, (b, cfg.vae.max_text_len))
+    images = torch.rand(b, 3, 16, 16) * 2 - 1
+    n = model.vae.num_image_tokens
+    for mode, kw in (("joint", {"batch_size": b}), ("t2i", {"ids": ids}), ("i2t", {"images": images})):
+        for sampler, w in (("dpm2", 1.0), ("ddim", 2.0)):
+            outs = [sample(model, mode, steps=3, sampler=sampler, guidance_scale=w,
+                           generator=torch.Generator().manual_seed(0), **kw) for _ in range(2)]
+            out = outs[0]
+            assert out["images"].shape == (b, 3, 16, 16) and torch.isfinite(out["images"]).all()
+            assert out["images"].abs().max() <= 1
+            assert out["img_latents"].shape == (b, n, cfg.vae.d_z)
+            assert out["ids"].shape == (b, cfg.vae.max_text_len)
+            assert ((out["ids"] >= 0) & (out["ids"] < cfg.vae.vocab_size)).all()
+            assert (out["ids"] != cfg.vae.mask_id).all()
+            for k in out:
+                assert torch.equal(out[k], outs[1][k]), (mode, sampler, k)
+        if mode == "t2i":
+            assert torch.equal(out["ids"], ids)

@@ -15,6 +15,8 @@ while [ $# -gt 0 ]; do
     *) echo "install.sh: unknown argument '$1' (allowed: --venv DIR, --gpu)" >&2; exit 2 ;;
   esac
 done
+mkdir -p "$(dirname "$VENV")"
+VENV="$(cd "$(dirname "$VENV")" && pwd)/$(basename "$VENV")"  # absolute: the import check runs from /
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
 "$PY" -c 'import sys; assert sys.version_info[:2] == (3, 11), sys.version' 2>/dev/null || {
@@ -28,10 +30,17 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
 fi
 echo "[install] creating $VENV (Python $("$PY" --version 2>&1 | cut -d' ' -f2))"
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-pip() { "$VENV/bin/python" -m pip --disable-pip-version-check --no-input "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
+# pip's output without the find-links noise of this machine's pip config; pip's exit status is kept.
+pip() {
+  local rc=0
+  "$VENV/bin/python" -m pip --disable-pip-version-check --no-input "$@" > "$VENV/.pip.log" 2>&1 || rc=$?
+  grep -v "^WARNING: Location" "$VENV/.pip.log" || true
+  [ $rc = 0 ] || { echo "install.sh: 'pip $*' failed (exit $rc)" >&2; exit $rc; }
+}
 export PIP_PROGRESS_BAR=off
-# 1. torch first: mamba-ssm and causal-conv1d import it while they build.
-first=$(grep -E '^(torch|torchvision|triton)==' requirements.txt | cut -d' ' -f1)
+# 1. Build tools and torch first: mamba-ssm and causal-conv1d import torch while they build
+#    (--no-build-isolation), and the editable install needs a setuptools with bdist_wheel.
+first=$(grep -E '^(setuptools|wheel|torch|torchvision|triton)==' requirements.txt | cut -d' ' -f1)
 echo "[install] 1/3 $(echo $first)"
 pip install -q --no-deps $first
 # 2. The complete lock, without a resolver. mamba-ssm/causal-conv1d: pure-Python build on CPU.
@@ -46,7 +55,7 @@ if [ "$GPU" = 1 ]; then
 fi
 echo "[install] 3/3 mdm-dist (editable)"
 pip install -q --no-deps --no-build-isolation -e .
-"$VENV/bin/python" -c "import torch, deepspeed, streaming, megatron.core, triton, mdm_dist, kernels" \
+(cd / && "$VENV/bin/python" -W ignore -c "import torch, deepspeed, streaming, megatron.core, triton, mdm_dist, kernels") \
   || { echo "install.sh: the installed stack does not import; see the errors above" >&2; exit 1; }
 echo "$want" > "$stamp"
 echo "[install] done: $VENV"

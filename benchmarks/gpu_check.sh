@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# GPU check of the Triton SSD scan, for a machine with one NVIDIA GPU; < 6 minutes.
+#   benchmarks/gpu_check.sh [--gpu-extras]
+# 1. the venv (scripts/install.sh; a no-op when up to date). mamba-ssm's scan kernels are Triton
+#    and need none of its CUDA extensions, so the baseline runs from the base install;
+#    --gpu-extras also builds flash-attn / mamba-ssm / causal-conv1d with CUDA (slow, not needed).
+# 2. pytest -m gpu: the compiled kernels against the reference on CUDA, fp32 and bf16.
+# 3. benchmarks/scan_throughput.py in bf16 (1 and 4 directions, fwd and fwd+bwd, 4K-64K tokens).
+# Everything lands in benchmarks/results/, named by the device.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+EXTRAS=0
+[ "${1:-}" = "--gpu-extras" ] && EXTRAS=1
+PY=.venv/bin/python
+export TRITON_CACHE_DIR="$PWD/.cache/triton" TORCH_EXTENSIONS_DIR="$PWD/.cache/torch_extensions"
+unset TRITON_INTERPRET
+mkdir -p .cache benchmarks/results
+if [ "$EXTRAS" = 1 ]; then scripts/install.sh --gpu; else scripts/install.sh; fi
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+DEV=$($PY -c 'import re, torch; assert torch.cuda.is_available(), "no CUDA device"; print(re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name()).strip("-").lower())')
+echo "[gpu_check] device: $DEV"
+status=0
+# 1. GPU tests (3 minutes at most)
+timeout 150 $PY -m pytest -q -m gpu tests/test_ssd_triton.py --junitxml="benchmarks/results/gpu_tests_$DEV.xml" \
+  2>&1 | tee "benchmarks/results/gpu_tests_$DEV.log" || status=1
+# 2. benchmarks (the JSON is rewritten after every row, so a timeout still leaves results)
+timeout 190 $PY benchmarks/scan_throughput.py --device cuda 2>&1 | tee "benchmarks/results/scan_throughput_$DEV.log" \
+  || status=1
+ls -l benchmarks/results/
+exit $status

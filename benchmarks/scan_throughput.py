@@ -1,0 +1,283 @@
+"""SSD scan throughput: our kernels against mamba-ssm's, and against the memory-bandwidth floor.
+
+    .venv/bin/python benchmarks/scan_throughput.py            # CPU: < 2 minutes on 2 cores
+    .venv/bin/python benchmarks/scan_throughput.py --quick    # GPU smoke run (gpu_check.sh)
+
+On CPU: our chunked PyTorch path (``ssd_scan(backend="torch")``) against mamba-ssm's PyTorch
+reference ``ssd_chunk_scan_combined_ref`` (imported through ``kernels.mamba_ssm_compat``), both
+float32, forward and forward+backward; accuracy is the error of each against our float64 path
+(equal to the sequential reference to 1e-10, see tests/test_ssd_scan.py).
+
+On a CUDA GPU, in bfloat16: our Triton kernels for 1 and 4 scan directions (``ssd_scan_multi``,
+the order handled inside the kernels) against mamba-ssm's ``mamba_chunk_scan_combined`` called
+once per direction on permuted copies (gather the inputs, scan, scatter y back: what a model
+using mamba-ssm must do), forward and forward+backward, at several lengths up to 64K tokens.
+The floor is the bytes the op must move (read every input once, write every output once) over
+the device's peak memory bandwidth; "floor %" is floor time / measured time.
+
+Prints a table and writes ``benchmarks/results/scan_throughput_<device>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from kernels.ssd import ssd_scan, ssd_scan_multi  # noqa: E402
+
+# Peak memory bandwidth (bytes/s) by a substring of torch.cuda.get_device_name(); first match wins.
+PEAK_BANDWIDTH = [
+    ("H200", 4.8e12),
+    ("H100 PCIe", 2.0e12),
+    ("H100 NVL", 3.9e12),
+    ("H100", 3.35e12),  # H100 SXM (HBM3)
+    ("GH200", 4.0e12),
+    ("A100-SXM4-80GB", 2.039e12),
+    ("A100 80GB PCIe", 1.935e12),
+    ("A100", 1.555e12),
+    ("L40S", 0.864e12),
+    ("L4", 0.3e12),
+    ("A10", 0.6e12),
+    ("RTX 4090", 1.008e12),
+]
+
+
+def peak_bandwidth(name: str) -> float | None:
+    for key, bw in PEAK_BANDWIDTH:
+        if key in name:
+            return bw
+    return None
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
+
+
+def make_inputs(K, batch, L, nheads, headdim, dstate, ngroups, device, dtype, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    rn = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(device, dtype)  # noqa: E731
+    return dict(
+        x=rn(K, batch, L, nheads, headdim), dt=rn(K, batch, L, nheads, scale=0.5) - 1.0,
+        A=-(torch.rand(nheads, generator=g) * 4 + 0.5).to(device),
+        B=rn(K, batch, L, ngroups, dstate, scale=0.5), C=rn(K, batch, L, ngroups, dstate, scale=0.5),
+        D=torch.randn(nheads, generator=g).to(device), z=rn(K, batch, L, nheads, headdim),
+        dt_bias=(torch.randn(nheads, generator=g) * 0.3).to(device),
+    )
+
+
+def scan_orders(K: int, L: int, device) -> list[torch.Tensor | None]:
+    """Row, row reversed, column, column reversed over a near-square grid (the MDM directions)."""
+    side = int(math.isqrt(L))
+    while L % side:
+        side -= 1
+    col = torch.arange(L, device=device).view(side, L // side).t().reshape(-1)
+    orders = [None, torch.arange(L - 1, -1, -1, device=device), col, col.flip(0)]
+    return orders[:K]
+
+
+def bytes_moved(inp: dict, K: int, backward: bool) -> int:
+    """Bytes the op must move: each input read once and each output written once (per pass)."""
+    size = lambda t: t[:K].numel() * t.element_size()  # noqa: E731
+    fwd_in = sum(size(inp[n]) for n in ("x", "dt", "B", "C", "z"))
+    fwd_out = size(inp["x"])  # y
+    total = fwd_in + fwd_out
+    if backward:  # reads the inputs and dy, writes dx, ddt, dB, dC, dz
+        total += fwd_in + size(inp["x"]) + fwd_in
+    return total
+
+
+def timeit_cpu(fn, reps: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def timeit_gpu(fn) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=5, rep=40) / 1e3
+
+
+def _fwd_bwd(fn, leaves):
+    def run():
+        for t in leaves:
+            t.grad = None
+        y = fn()
+        y.float().sum().backward()
+    return run
+
+
+def bench_cpu(args) -> list[dict]:
+    from kernels.mamba_ssm_compat import import_mamba_ssm
+
+    import_mamba_ssm()
+    from mamba_ssm.ops.triton.ssd_combined import ssd_chunk_scan_combined_ref
+
+    rows = []
+    for L in args.lengths or [512, 2048]:
+        inp = make_inputs(1, args.batch, L, args.nheads, args.headdim, args.dstate, args.ngroups, "cpu", torch.float32)
+        x, dt, B, C, z = (inp[n][0] for n in ("x", "dt", "B", "C", "z"))
+        common = dict(D=inp["D"], z=z, dt_bias=inp["dt_bias"], dt_softplus=True)
+        exact = ssd_scan(x.double(), dt.double(), inp["A"].double(), B.double(), C.double(),
+                         **{k: (v.double() if torch.is_tensor(v) else v) for k, v in common.items()},
+                         chunk_size=args.chunk_size, backend="torch")
+        ours = lambda: ssd_scan(x, dt, inp["A"], B, C, **common, chunk_size=args.chunk_size, backend="torch")  # noqa: E731
+        theirs = lambda: ssd_chunk_scan_combined_ref(x, dt, inp["A"], B, C, args.chunk_size, **common)  # noqa: E731
+        for name, fn in (("ours torch", ours), ("mamba-ssm ref", theirs)):
+            out = fn()
+            err = (out.double() - exact).abs().max().item()
+            rel = ((out.double() - exact).norm() / exact.norm()).item()
+            t_f = timeit_cpu(fn, args.reps)
+            leaves = [x, dt, B, C, z]
+            for t in leaves:
+                t.requires_grad_(True)
+            t_fb = timeit_cpu(_fwd_bwd(fn, leaves), max(1, args.reps - 1))
+            for t in leaves:
+                t.requires_grad_(False)
+                t.grad = None
+            tokens = args.batch * L
+            rows.append(dict(impl=name, K=1, seqlen=L, dtype="float32", max_abs_err=err, rel_err=rel,
+                             fwd_s=t_f, fwd_bwd_s=t_fb, fwd_tok_s=tokens / t_f, fwd_bwd_tok_s=tokens / t_fb))
+    return rows
+
+
+def bench_gpu(args, save) -> list[dict]:
+    from kernels.mamba_ssm_compat import import_mamba_ssm
+
+    try:
+        import_mamba_ssm()
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+    except Exception as err:  # noqa: BLE001  the baseline is optional
+        print(f"[bench] mamba-ssm unavailable ({type(err).__name__}: {err}); timing ours only")
+        mamba_chunk_scan_combined = None
+    name = torch.cuda.get_device_name()
+    bw = peak_bandwidth(name)
+    rows = []
+    dtype = torch.bfloat16
+    for L in args.lengths or ([4096, 16384] if args.quick else [4096, 16384, 65536]):
+        for K in (1, 4):
+            inp = make_inputs(K, args.batch, L, args.nheads, args.headdim, args.dstate, args.ngroups, "cuda", dtype)
+            orders = scan_orders(K, L, "cuda")
+            A, D, dtb = inp["A"], inp["D"], inp["dt_bias"]
+            leaves = [inp[n] for n in ("x", "dt", "B", "C", "z")]
+
+            def ours():
+                return ssd_scan_multi(inp["x"], inp["dt"], A, inp["B"], inp["C"], D=D, z=inp["z"], dt_bias=dtb,
+                                      dt_softplus=True, scan_order=orders, chunk_size=args.chunk_size,
+                                      backend="triton")
+
+            def theirs():
+                ys = []
+                for k, order in enumerate(orders):
+                    g = (lambda t: t[k]) if order is None else (lambda t: t[k].index_select(1, order))  # noqa: E731
+                    y = mamba_chunk_scan_combined(g(inp["x"]), g(inp["dt"]), A, g(inp["B"]), g(inp["C"]),
+                                                  args.chunk_size, D=D, z=g(inp["z"]), dt_bias=dtb, dt_softplus=True)
+                    if order is not None:
+                        y = y.index_select(1, torch.argsort(order))
+                    ys.append(y)
+                return torch.stack(ys)
+
+            impls = [("ours triton", ours)] + ([("mamba-ssm + copies", theirs)] if mamba_chunk_scan_combined else [])
+            ref_y = None
+            for impl, fn in impls:
+                with torch.no_grad():
+                    y = fn()
+                    ref_y = y if ref_y is None else ref_y
+                    err = (y.float() - ref_y.float()).abs().max().item()
+                t_f = timeit_gpu(lambda: fn())
+                for t in leaves:
+                    t.requires_grad_(True)
+                t_fb = timeit_gpu(_fwd_bwd(fn, leaves))
+                for t in leaves:
+                    t.requires_grad_(False)
+                    t.grad = None
+                tokens = args.batch * L * K
+                row = dict(impl=impl, K=K, seqlen=L, dtype="bfloat16", max_abs_diff_vs_ours=err,
+                           fwd_s=t_f, fwd_bwd_s=t_fb, fwd_tok_s=tokens / t_f, fwd_bwd_tok_s=tokens / t_fb)
+                if bw:
+                    row["floor_fwd_s"] = bytes_moved(inp, K, False) / bw
+                    row["floor_fwd_bwd_s"] = bytes_moved(inp, K, True) / bw
+                    row["floor_frac_fwd"] = row["floor_fwd_s"] / t_f
+                    row["floor_frac_fwd_bwd"] = row["floor_fwd_bwd_s"] / t_fb
+                rows.append(row)
+                print_row(row)
+                save(rows)
+            del inp, leaves
+            torch.cuda.empty_cache()
+    return rows
+
+
+def print_header(gpu: bool):
+    extra = f"{'floor% f':>9} {'floor% fb':>9}" if gpu else f"{'max err':>9} {'rel err':>9}"
+    print(f"{'impl':<20} {'K':>2} {'seqlen':>7} {'fwd ms':>9} {'fwd+bwd ms':>11} {'fwd Mtok/s':>11} "
+          f"{'f+b Mtok/s':>11} {extra}")
+
+
+def print_row(r: dict):
+    if "max_abs_err" in r:
+        extra = f"{r['max_abs_err']:9.2e} {r['rel_err']:9.2e}"
+    elif "floor_frac_fwd" in r:
+        extra = f"{100 * r['floor_frac_fwd']:8.1f}% {100 * r['floor_frac_fwd_bwd']:8.1f}%"
+    else:
+        extra = ""
+    print(f"{r['impl']:<20} {r['K']:>2} {r['seqlen']:>7} {1e3 * r['fwd_s']:9.2f} {1e3 * r['fwd_bwd_s']:11.2f} "
+          f"{r['fwd_tok_s'] / 1e6:11.3f} {r['fwd_bwd_tok_s'] / 1e6:11.3f} {extra}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--lengths", type=int, nargs="*", help="sequence lengths (default: CPU 512 2048; GPU 4K 16K 64K)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--nheads", type=int, default=None, help="default: CPU 8, GPU 32")
+    p.add_argument("--headdim", type=int, default=64)
+    p.add_argument("--dstate", type=int, default=None, help="default: CPU 64, GPU 128")
+    p.add_argument("--ngroups", type=int, default=1)
+    p.add_argument("--chunk-size", type=int, default=64)
+    p.add_argument("--reps", type=int, default=3, help="CPU timing repetitions (median)")
+    p.add_argument("--quick", action="store_true", help="GPU: skip 64K")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = p.parse_args(argv)
+    gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    args.nheads = args.nheads or (32 if gpu else 8)
+    args.dstate = args.dstate or (128 if gpu else 64)
+    if not gpu:
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+    device_name = torch.cuda.get_device_name() if gpu else f"cpu-{platform.processor() or platform.machine()}"
+    print(f"[bench] {device_name}: batch {args.batch}, nheads {args.nheads}, headdim {args.headdim}, "
+          f"dstate {args.dstate}, ngroups {args.ngroups}, chunk {args.chunk_size}")
+    print_header(gpu)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"scan_throughput_{slug(device_name)}.json"
+    meta = dict(device=device_name, torch=torch.__version__, threads=torch.get_num_threads(),
+                peak_bandwidth_Bps=peak_bandwidth(device_name) if gpu else None,
+                config={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()})
+
+    def save(rows):
+        path.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+
+    rows = bench_gpu(args, save) if gpu else bench_cpu(args)
+    if not gpu:
+        for r in rows:
+            print_row(r)
+    save(rows)
+    print(f"[bench] wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
+
+
+if __name__ == "__main__":
+    main()

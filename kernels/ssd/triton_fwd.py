@@ -1,0 +1,236 @@
+"""Triton forward of the SSD scan: one program per (batch, head, direction), chunks in sequence.
+
+Same math as ``chunked.py`` (read that first), fused into one kernel. A program owns one
+(batch b, head h, direction k) and walks the scan-ordered sequence chunk by chunk, keeping the
+running state H (headdim, dstate) in registers. For chunk c (positions t = cQ .. cQ+Q-1 of the
+scan, original positions pos = scan_order[t]):
+
+    rows       x, dt, B, C, z are *gathered* by pos on load (no permuted copies exist)
+    a, acs     a_t = dt_t * A_h, acs = cumsum of a inside the chunk
+    intra      y_l  = sum_{s<=l} (C_l . B_s) exp(acs_l - acs_s) dt_s x_s
+    off        y_l += exp(acs_l) (H @ C_l)
+    state      H    = exp(acs_last) H + sum_s exp(acs_last - acs_s) dt_s outer(x_s, B_s)
+    out        y_l += D x_l;  y_l *= silu(z_l);  y is *scattered* to pos on store
+
+So only the state of the current chunk boundary exists, in registers: neither per-position
+states (seqlen, dstate) nor per-chunk states are written, except when the backward asks for the
+chunk-entry states (``store_states``) to walk the chunks in reverse.
+
+seq_idx: a state reset wherever seq_idx changes between two consecutively scanned positions.
+Inside a chunk the resets are numbered by a cumulative sum (local segment ids, 0 = the segment
+the chunk was entered in), so every term is masked by comparing local ids: no pass over the
+whole sequence is needed.
+
+The direction k is the second grid axis: K directions (each with its own inputs, parameters and
+scan order, given as tensors with a leading K dimension of any stride) run in one launch.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _softplus(v):
+    return tl.where(v > 20.0, v, tl.log(1.0 + tl.exp(tl.minimum(v, 20.0))))
+
+
+@triton.jit
+def _load_chunk(
+    c, L, k, b, h, g, A_h, bias_h,
+    x_ptr, dt_ptr, B_ptr, C_ptr, seq_ptr, order_ptr,
+    s_xk, s_xb, s_xl, s_xh, s_xp,
+    s_dk, s_db, s_dl, s_dh,
+    s_bk, s_bb, s_bl, s_bg, s_bn,
+    s_ck, s_cb, s_cl, s_cg, s_cn,
+    s_sk, s_sb, s_sl,
+    s_ok, s_ol,
+    headdim, dstate,
+    BQ: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_ORDER: tl.constexpr,
+):
+    """Gather one chunk of the scan: positions, masks, dt (raw and processed), acs, x, B, C, segs."""
+    offs_q = tl.arange(0, BQ)
+    offs_p = tl.arange(0, BP)
+    offs_n = tl.arange(0, BN)
+    t = c * BQ + offs_q
+    valid = t < L
+    if HAS_ORDER:
+        pos = tl.load(order_ptr + k * s_ok + t * s_ol, mask=valid, other=0).to(tl.int64)
+    else:
+        pos = t.to(tl.int64)
+    dt_raw = tl.load(dt_ptr + k * s_dk + b * s_db + pos * s_dl + h * s_dh, mask=valid, other=0.0).to(tl.float32)
+    dtv = dt_raw
+    if HAS_BIAS:
+        dtv = dtv + bias_h
+    if SOFTPLUS:
+        dtv = _softplus(dtv)
+    dtv = tl.where(valid, dtv, 0.0)  # padding: no input and no decay
+    acs = tl.cumsum(dtv * A_h, axis=0)
+    mp = offs_p < headdim
+    mn = offs_n < dstate
+    x = tl.load(x_ptr + k * s_xk + b * s_xb + pos[:, None] * s_xl + h * s_xh + offs_p[None, :] * s_xp,
+                mask=valid[:, None] & mp[None, :], other=0.0)
+    Bm = tl.load(B_ptr + k * s_bk + b * s_bb + pos[:, None] * s_bl + g * s_bg + offs_n[None, :] * s_bn,
+                 mask=valid[:, None] & mn[None, :], other=0.0).to(x_ptr.dtype.element_ty)
+    Cm = tl.load(C_ptr + k * s_ck + b * s_cb + pos[:, None] * s_cl + g * s_cg + offs_n[None, :] * s_cn,
+                 mask=valid[:, None] & mn[None, :], other=0.0).to(x_ptr.dtype.element_ty)
+    if HAS_SEQ:
+        cur = tl.load(seq_ptr + k * s_sk + b * s_sb + pos * s_sl, mask=valid, other=0)
+        has_prev = valid & (t > 0)
+        if HAS_ORDER:
+            prev_pos = tl.load(order_ptr + k * s_ok + (t - 1) * s_ol, mask=has_prev, other=0).to(tl.int64)
+        else:
+            prev_pos = (t - 1).to(tl.int64)
+        prev = tl.load(seq_ptr + k * s_sk + b * s_sb + prev_pos * s_sl, mask=has_prev, other=0)
+        change = (has_prev & (cur != prev)).to(tl.int32)
+        seg = tl.cumsum(change, axis=0)  # 0 = the segment the chunk was entered in
+    else:
+        seg = tl.zeros([BQ], dtype=tl.int32)
+    return pos, valid, dt_raw, dtv, acs, x, Bm, Cm, seg
+
+
+@triton.jit
+def _ssd_fwd_kernel(
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, init_ptr, seq_ptr, order_ptr,
+    y_ptr, final_ptr, states_ptr,
+    L, nheads, rep, headdim, dstate, nchunks,
+    s_xk, s_xb, s_xl, s_xh, s_xp,
+    s_dk, s_db, s_dl, s_dh,
+    s_ak, s_ah,
+    s_bk, s_bb, s_bl, s_bg, s_bn,
+    s_ck, s_cb, s_cl, s_cg, s_cn,
+    s_Dk, s_Dh, s_Dp,
+    s_zk, s_zb, s_zl, s_zh, s_zp,
+    s_biask, s_biash,
+    s_ik, s_ib, s_ih, s_ip, s_in,
+    s_sk, s_sb, s_sl,
+    s_ok, s_ol,
+    s_yk, s_yb, s_yl, s_yh, s_yp,
+    BQ: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+    HAS_D: tl.constexpr, D_HDIM: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_ORDER: tl.constexpr,
+    STORE_STATES: tl.constexpr, WRITE_Y: tl.constexpr, PREC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    k = tl.program_id(1).to(tl.int64)
+    b = (pid // nheads).to(tl.int64)
+    h = (pid % nheads).to(tl.int64)
+    g = h // rep
+    offs_q = tl.arange(0, BQ)
+    offs_p = tl.arange(0, BP)
+    offs_n = tl.arange(0, BN)
+    mp = offs_p < headdim
+    mn = offs_n < dstate
+    dot_t = x_ptr.dtype.element_ty  # matmul operand dtype: the input dtype
+
+    A_h = tl.load(A_ptr + k * s_ak + h * s_ah).to(tl.float32)
+    bias_h = 0.0
+    if HAS_BIAS:
+        bias_h = tl.load(bias_ptr + k * s_biask + h * s_biash).to(tl.float32)
+    if HAS_D:
+        if D_HDIM:
+            Dv = tl.load(D_ptr + k * s_Dk + h * s_Dh + offs_p * s_Dp, mask=mp, other=0.0).to(tl.float32)
+        else:
+            Dv = tl.load(D_ptr + k * s_Dk + h * s_Dh).to(tl.float32)
+    state_mask = mp[:, None] & mn[None, :]
+    if HAS_INIT:
+        H = tl.load(init_ptr + k * s_ik + b * s_ib + h * s_ih + offs_p[:, None] * s_ip + offs_n[None, :] * s_in,
+                    mask=state_mask, other=0.0).to(tl.float32)
+    else:
+        H = tl.zeros([BP, BN], dtype=tl.float32)
+    causal = offs_q[:, None] >= offs_q[None, :]
+    # Chunk-entry states for the backward: contiguous (K, batch, nheads, nchunks, headdim, dstate).
+    st_base = states_ptr + (k * tl.num_programs(0) + pid).to(tl.int64) * nchunks * headdim * dstate
+
+    for c in range(nchunks):
+        pos, valid, dt_raw, dtv, acs, x, Bm, Cm, seg = _load_chunk(
+            c, L, k, b, h, g, A_h, bias_h, x_ptr, dt_ptr, B_ptr, C_ptr, seq_ptr, order_ptr,
+            s_xk, s_xb, s_xl, s_xh, s_xp, s_dk, s_db, s_dl, s_dh, s_bk, s_bb, s_bl, s_bg, s_bn,
+            s_ck, s_cb, s_cl, s_cg, s_cn, s_sk, s_sb, s_sl, s_ok, s_ol, headdim, dstate,
+            BQ, BP, BN, HAS_BIAS, SOFTPLUS, HAS_SEQ, HAS_ORDER)
+        if STORE_STATES:
+            tl.store(st_base + c * headdim * dstate + offs_p[:, None] * dstate + offs_n[None, :], H, mask=state_mask)
+        acs_last = tl.sum(tl.where(offs_q == BQ - 1, acs, 0.0), axis=0)
+        seg_last = tl.max(seg, axis=0)
+        if WRITE_Y:
+            # intra-chunk: (C B^T * decay * dt_s) @ x
+            CB = tl.dot(Cm, tl.trans(Bm), input_precision=PREC)
+            keep = causal & (seg[:, None] == seg[None, :])
+            decay = tl.exp(tl.where(keep, acs[:, None] - acs[None, :], -float("inf")))
+            M = CB * decay * dtv[None, :]
+            y = tl.dot(M.to(dot_t), x, input_precision=PREC)
+            # off-diagonal: exp(acs_l) (C_l @ H^T), only where the chunk's entry segment continues
+            e = tl.where(seg == 0, tl.exp(acs), 0.0)
+            y += tl.dot(Cm, tl.trans(H).to(dot_t), input_precision=PREC) * e[:, None]
+            if HAS_D:
+                if D_HDIM:
+                    y += x.to(tl.float32) * Dv[None, :]
+                else:
+                    y += x.to(tl.float32) * Dv
+            omask = valid[:, None] & mp[None, :]
+            if HAS_Z:
+                zv = tl.load(z_ptr + k * s_zk + b * s_zb + pos[:, None] * s_zl + h * s_zh + offs_p[None, :] * s_zp,
+                             mask=omask, other=0.0).to(tl.float32)
+                y = y * zv * tl.sigmoid(zv)
+            tl.store(y_ptr + k * s_yk + b * s_yb + pos[:, None] * s_yl + h * s_yh + offs_p[None, :] * s_yp,
+                     y.to(y_ptr.dtype.element_ty), mask=omask)
+        # state passing
+        w = tl.where(seg == seg_last, dtv * tl.exp(acs_last - acs), 0.0)
+        chunk_decay = tl.where(seg_last == 0, tl.exp(acs_last), 0.0)
+        xw = (x.to(tl.float32) * w[:, None]).to(dot_t)
+        H = H * chunk_decay + tl.dot(tl.trans(xw), Bm, input_precision=PREC)
+
+    tl.store(final_ptr + (k * tl.num_programs(0) + pid).to(tl.int64) * headdim * dstate
+             + offs_p[:, None] * dstate + offs_n[None, :], H, mask=state_mask)
+
+
+def _block(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def _strides(t: torch.Tensor | None, ndim: int) -> tuple[int, ...]:
+    return tuple(t.stride()) if t is not None else (0,) * ndim
+
+
+def ssd_fwd_triton(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_states, seq_idx, scan_order,
+                   chunk_size: int, store_states: bool = False, write_y: bool = True):
+    """Launch the forward on direction-stacked inputs (a leading K dimension, any strides).
+
+    x, z (K, b, L, h, p); dt (K, b, L, h); A, dt_bias (K, h); B, C (K, b, L, g, n); D (K, h) or
+    (K, h, p); initial_states (K, b, h, p, n); seq_idx (K, b, L); scan_order (K, L) long.
+    Returns y (K, b, L, h, p) in x.dtype (None unless write_y), final states (K, b, h, p, n)
+    float32, and the chunk-entry states (K, b, h, nchunks, p, n) float32 when store_states.
+    """
+    K, batch, L, nheads, headdim = x.shape
+    ngroups, dstate = B.shape[-2:]
+    BQ = _block(chunk_size)
+    nchunks = triton.cdiv(L, BQ)
+    dev = x.device
+    y = torch.empty_like(x, memory_format=torch.contiguous_format) if write_y else x.new_empty(0)
+    final = torch.empty(K, batch, nheads, headdim, dstate, device=dev, dtype=torch.float32)
+    states = (torch.empty(K, batch, nheads, nchunks, headdim, dstate, device=dev, dtype=torch.float32)
+              if store_states else final.new_empty(0))
+    dummy = final
+    grid = (batch * nheads, K)
+    _ssd_fwd_kernel[grid](
+        x, dt, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
+        dt_bias if dt_bias is not None else dummy, initial_states if initial_states is not None else dummy,
+        seq_idx if seq_idx is not None else dummy, scan_order if scan_order is not None else dummy,
+        y, final, states,
+        L, nheads, nheads // ngroups, headdim, dstate, nchunks,
+        *x.stride(), *dt.stride(), *A.stride(), *B.stride(), *C.stride(),
+        *(_strides(D, 3) if D is None or D.dim() == 3 else (*D.stride(), 0)),
+        *_strides(z, 5), *_strides(dt_bias, 2), *_strides(initial_states, 5), *_strides(seq_idx, 3),
+        *_strides(scan_order, 2), *(y.stride() if write_y else (0,) * 5),
+        BQ=BQ, BP=_block(headdim), BN=_block(dstate),
+        HAS_D=D is not None, D_HDIM=D is not None and D.dim() == 3, HAS_Z=z is not None,
+        HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), HAS_INIT=initial_states is not None,
+        HAS_SEQ=seq_idx is not None, HAS_ORDER=scan_order is not None,
+        STORE_STATES=store_states, WRITE_Y=write_y,
+        PREC="ieee" if x.dtype == torch.float32 else "tf32",
+        num_warps=8 if max(headdim, dstate) >= 64 else 4,
+    )
+    return (y if write_y else None), final, (states if store_states else None)

@@ -1,0 +1,328 @@
+"""The Triton SSD scan (kernels/ssd/triton_*.py) against the sequential reference.
+
+On CPU the kernels run in Triton's interpreter. Triton reads ``TRITON_INTERPRET`` when a kernel
+is *decorated*, i.e. when ``kernels.ssd.triton_fwd`` / ``triton_bwd`` are imported, and another
+test may already have imported them in compiled mode (or may need them compiled later). So each
+test class (re)imports the kernel modules in the mode it needs (``_kernel_mode``) and restores
+the previous state when it ends; nothing depends on the order pytest runs modules in.
+
+The interpreter is slow (~0.2 s per forward launch on 2 cores): shapes here are tiny. The tests
+marked ``gpu`` repeat the comparison on CUDA at realistic sizes (run by benchmarks/gpu_check.sh).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import sys
+
+import pytest
+import torch
+
+from kernels.ssd import ssd_scan, ssd_scan_multi, ssd_scan_reference
+
+KERNEL_MODULES = ("kernels.ssd.triton_fwd", "kernels.ssd.triton_bwd", "kernels.ssd.triton_scan")
+GRAD_NAMES = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states")
+
+
+@contextlib.contextmanager
+def _kernel_mode(interpret: bool):
+    """Import the Triton kernel modules fresh, interpreted or compiled; undo on exit."""
+    saved_env = os.environ.get("TRITON_INTERPRET")
+    saved_mods = {name: sys.modules.get(name) for name in KERNEL_MODULES}
+    pkg = importlib.import_module("kernels.ssd")
+
+    def drop():
+        for name in KERNEL_MODULES:
+            sys.modules.pop(name, None)
+            if hasattr(pkg, name.rsplit(".", 1)[1]):
+                delattr(pkg, name.rsplit(".", 1)[1])
+
+    drop()
+    os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
+    try:
+        for name in KERNEL_MODULES:
+            importlib.import_module(name)
+        yield
+    finally:
+        drop()
+        if saved_env is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = saved_env
+        for name, mod in saved_mods.items():
+            if mod is not None:
+                sys.modules[name] = mod
+                setattr(pkg, name.rsplit(".", 1)[1], mod)
+
+
+def rel_err(a, b) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def make_inputs(batch, seqlen, nheads, headdim, ngroups, dstate, *, seed, opts=(), device="cpu",
+                dtype=torch.float32):
+    """Random inputs: (x, dt, A, B, C) and a kwargs dict picked by ``opts``."""
+    g = torch.Generator().manual_seed(seed)
+    rn = lambda *s, scale=1.0: torch.randn(*s, generator=g) * scale  # noqa: E731
+    x = rn(batch, seqlen, nheads, headdim)
+    dt = rn(batch, seqlen, nheads) - 1.0 if "softplus" in opts else torch.rand(batch, seqlen, nheads, generator=g) * 0.5
+    A = -(torch.rand(nheads, generator=g) * 4 + 0.2)
+    B, C = rn(batch, seqlen, ngroups, dstate, scale=0.7), rn(batch, seqlen, ngroups, dstate, scale=0.7)
+    kw = {}
+    if "D1" in opts:
+        kw["D"] = rn(nheads)
+    if "D2" in opts:
+        kw["D"] = rn(nheads, headdim)
+    if "z" in opts:
+        kw["z"] = rn(batch, seqlen, nheads, headdim)
+    if "bias" in opts:
+        kw["dt_bias"] = rn(nheads, scale=0.3)
+    if "softplus" in opts:
+        kw["dt_softplus"] = True
+    if "init" in opts:
+        kw["initial_states"] = rn(batch, nheads, headdim, dstate)
+    if "seq" in opts:  # sorted: packed sequences
+        kw["seq_idx"] = torch.randint(0, 3, (batch, seqlen), generator=g).sort(dim=1).values
+    if "seq_any" in opts:  # unsorted: a reset at every change of id
+        kw["seq_idx"] = torch.randint(0, 2, (batch, seqlen), generator=g)
+    if "order" in opts:
+        kw["scan_order"] = torch.randperm(seqlen, generator=g)
+    if "flip" in opts:
+        kw["scan_order"] = torch.arange(seqlen - 1, -1, -1)
+    mv = lambda t: t.to(device) if not t.is_floating_point() else t.to(device, dtype)  # noqa: E731
+    return tuple(mv(t) for t in (x, dt, A, B, C)), {k: mv(v) if torch.is_tensor(v) else v for k, v in kw.items()}
+
+
+def run_with_grads(fn, args, kw, seed=1, **extra):
+    """y, final states and the gradients of a random linear function of both."""
+    names = ("x", "dt", "A", "B", "C")
+    leaves = {n: t.detach().clone().requires_grad_() for n, t in zip(names, args)}
+    leaves.update({k: v.detach().clone().requires_grad_() for k, v in kw.items()
+                   if k in GRAD_NAMES and torch.is_tensor(v)})
+    rest = {k: v for k, v in kw.items() if k not in leaves}
+    y, s = fn(*(leaves[n] for n in names), **{k: v for k, v in leaves.items() if k not in names}, **rest,
+              return_final_states=True, **extra)
+    g = torch.Generator().manual_seed(seed)
+    wy = torch.randn(y.shape, generator=g).to(y.device)  # float32 whatever the dtype of y
+    ws = torch.randn(s.shape, generator=g).to(s.device)
+    ((y.float() * wy).sum() + (s.float() * ws).sum()).backward()
+    return y, s, {k: v.grad for k, v in leaves.items()}
+
+
+# (batch, seqlen, chunk, nheads, headdim, ngroups, dstate, opts): odd lengths, several group sizes
+FWD_CASES = [
+    (2, 37, 16, 4, 8, 2, 5, ()),
+    (1, 50, 16, 2, 4, 1, 16, ("D1", "z", "bias", "init")),
+    (2, 41, 16, 4, 3, 2, 4, ("z", "D2", "bias", "softplus", "init", "seq", "order")),
+    (1, 33, 32, 2, 5, 2, 3, ("D1", "softplus", "seq_any", "flip")),
+    (2, 20, 8, 3, 4, 3, 2, ("z", "init", "order")),
+    (1, 100, 16, 4, 16, 1, 16, ("D2", "z", "bias", "softplus", "init", "seq", "order")),
+]
+GRAD_CASES = [
+    (2, 37, 16, 4, 8, 2, 5, ("z", "D2", "bias", "softplus", "init", "seq_any", "order")),
+    (1, 29, 16, 2, 4, 1, 3, ("D1", "init", "seq", "flip")),
+    (1, 18, 16, 4, 2, 2, 4, ("z", "D1", "bias")),
+    (1, 70, 16, 4, 16, 1, 16, ("D1", "softplus", "bias", "init", "seq", "order")),
+]
+
+
+def case_id(c):
+    return f"b{c[0]}-L{c[1]}-Q{c[2]}-h{c[3]}-p{c[4]}-g{c[5]}-n{c[6]}-{'+'.join(c[7]) or 'plain'}"
+
+
+@pytest.fixture(scope="class")
+def interpreted():
+    with _kernel_mode(interpret=True):
+        yield
+
+
+@pytest.mark.usefixtures("interpreted")
+class TestInterpreter:
+    @pytest.mark.parametrize("case", FWD_CASES, ids=case_id)
+    def test_forward_matches_reference(self, case):
+        b, L, Q, h, p, g, n, opts = case
+        args, kw = make_inputs(b, L, h, p, g, n, seed=L + h, opts=opts)
+        y, s = ssd_scan(*args, **kw, return_final_states=True, chunk_size=Q, backend="triton")
+        yr, sr = ssd_scan_reference(*args, **kw, return_final_states=True)
+        assert y.dtype == torch.float32 and s.dtype == torch.float32
+        assert rel_err(y, yr) < 1e-5 and rel_err(s, sr) < 1e-5
+
+    @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+    @pytest.mark.parametrize("case", GRAD_CASES, ids=case_id)
+    def test_gradients_match_reference(self, case, deterministic):
+        b, L, Q, h, p, g, n, opts = case
+        args, kw = make_inputs(b, L, h, p, g, n, seed=3 * L, opts=opts)
+        from kernels.ssd.triton_scan import ssd_scan_triton
+
+        y, s, got = run_with_grads(ssd_scan_triton, args, kw, chunk_size=Q, deterministic=deterministic)
+        yr, sr, ref = run_with_grads(ssd_scan_reference, args, kw)
+        assert rel_err(y, yr) < 1e-5 and rel_err(s, sr) < 1e-5
+        assert set(got) == set(ref)
+        for name in ref:
+            assert got[name] is not None, name
+            assert rel_err(got[name], ref[name]) < 1e-5, name
+
+    def test_deterministic_backward_is_bitwise_repeatable(self):
+        args, kw = make_inputs(1, 21, 4, 4, 1, 4, seed=5, opts=("z", "D1", "init"))
+        from kernels.ssd.triton_scan import ssd_scan_triton
+
+        runs = [run_with_grads(ssd_scan_triton, args, kw, chunk_size=16, deterministic=True)[2] for _ in range(2)]
+        for name in runs[0]:
+            assert torch.equal(runs[0][name], runs[1][name]), name
+
+    def test_float16_forward(self):
+        args, kw = make_inputs(1, 40, 2, 16, 1, 16, seed=8, opts=("D1", "z", "bias", "softplus", "order"))
+        half = tuple(t.half() for t in (args[0], args[1], args[3], args[4]))
+        y = ssd_scan(half[0], half[1], args[2], half[2], half[3], **dict(kw, z=kw["z"].half()),
+                     chunk_size=16, backend="triton")
+        assert y.dtype == torch.float16
+        assert rel_err(y, ssd_scan_reference(*args, **kw)) < 3e-3
+
+    def test_multi_direction_matches_separate_reference_calls(self):
+        K, b, L, h, p, g, n = 3, 1, 27, 2, 4, 1, 3
+        per = [make_inputs(b, L, h, p, g, n, seed=40 + k, opts=("z", "D1", "bias", "softplus", "init"))
+               for k in range(K)]
+        orders = [None, torch.arange(L - 1, -1, -1), torch.randperm(L, generator=torch.Generator().manual_seed(9))]
+        seq_idx = (torch.arange(L) >= 11).long()[None]
+        stacked = [torch.stack([per[k][0][i] for k in range(K)]) for i in range(5)]
+        kws = {name: torch.stack([per[k][1][name] for k in range(K)]) for name in ("z", "D", "dt_bias", "initial_states")}
+
+        def multi(x, dt, A, B, C, **kw):
+            return ssd_scan_multi(x, dt, A, B, C, **kw, scan_order=orders, seq_idx=seq_idx, dt_softplus=True,
+                                  chunk_size=16, backend="triton")
+
+        y, s, got = run_with_grads(multi, stacked, kws)
+        g_ = torch.Generator().manual_seed(1)
+        wy, ws = torch.randn(y.shape, generator=g_), torch.randn(s.shape, generator=g_)
+        for k in range(K):
+            args_k, kw_k = per[k]
+            yr, sr = ssd_scan_reference(*args_k, **kw_k, scan_order=orders[k], seq_idx=seq_idx,
+                                        return_final_states=True)
+            assert rel_err(y[k], yr) < 1e-5 and rel_err(s[k], sr) < 1e-5, k
+        # gradients: the same weights, direction by direction, through the reference
+        for k in range(K):
+            args_k, kw_k = per[k]
+            leaves = [t.clone().requires_grad_() for t in args_k]
+            kl = {n_: v.clone().requires_grad_() for n_, v in kw_k.items() if torch.is_tensor(v)}
+            yr, sr = ssd_scan_reference(*leaves, **kl, dt_softplus=True, scan_order=orders[k], seq_idx=seq_idx,
+                                        return_final_states=True)
+            ((yr * wy[k]).sum() + (sr * ws[k]).sum()).backward()
+            for name, leaf in list(zip(("x", "dt", "A", "B", "C"), leaves)) + list(kl.items()):
+                assert rel_err(got[name][k], leaf.grad) < 1e-5, (k, name)
+
+    def test_multi_direction_shared_parameters(self):
+        # A, D, dt_bias shared by the directions (their gradients sum over directions)
+        K, L, h = 2, 23, 2
+        (x, dt, A, B, C), kw = make_inputs(K, L, h, 4, 1, 3, seed=12, opts=("D2", "bias", "softplus"))
+        stacked = (x.unsqueeze(1), dt.unsqueeze(1), A, B.unsqueeze(1), C.unsqueeze(1))  # K on dim 0, batch 1
+        orders = torch.stack([torch.arange(L - 1, -1, -1), torch.randperm(L, generator=torch.Generator().manual_seed(3))])
+        res = {}
+        for backend in ("triton", "torch"):
+            leaves = [t.clone().requires_grad_() for t in (*stacked, kw["D"], kw["dt_bias"])]
+            y = ssd_scan_multi(*leaves[:5], D=leaves[5], dt_bias=leaves[6], dt_softplus=True, scan_order=orders,
+                               chunk_size=16, backend=backend)
+            (y * torch.linspace(-1, 1, y.numel()).view(y.shape)).sum().backward()
+            res[backend] = (y, [t.grad for t in leaves])
+        assert rel_err(res["triton"][0], res["torch"][0]) < 1e-5
+        for i, (a, b) in enumerate(zip(res["triton"][1], res["torch"][1])):
+            assert rel_err(a, b) < 1e-5, i
+
+    def test_matches_mamba_ssm_chunk_scan_combined_ref(self):
+        from kernels.mamba_ssm_compat import import_mamba_ssm
+
+        import_mamba_ssm()
+        from mamba_ssm.ops.triton.ssd_combined import ssd_chunk_scan_combined_ref
+
+        args, kw = make_inputs(2, 64, 4, 8, 2, 8, seed=22, opts=("D2", "z", "bias", "softplus"))
+        expected = ssd_chunk_scan_combined_ref(*args, 16, **kw)
+        assert rel_err(ssd_scan(*args, **kw, chunk_size=32, backend="triton"), expected) < 1e-5
+
+    def test_dispatch(self):
+        args, kw = make_inputs(1, 19, 2, 4, 1, 3, seed=2, opts=("D1",))
+        y = ssd_scan(*args, **kw, chunk_size=16, backend="triton")
+        torch.testing.assert_close(y, ssd_scan(*args, **kw, backend="torch"), rtol=1e-5, atol=1e-5)
+        # auto picks torch for CPU tensors even when the interpreter could run Triton
+        torch.testing.assert_close(ssd_scan(*args, **kw, backend="auto"), ssd_scan(*args, **kw, backend="torch"))
+        with pytest.raises(NotImplementedError, match="float64"):
+            ssd_scan(*(t.double() for t in args), backend="triton")
+
+
+def test_multi_torch_backend_and_argument_checks():
+    K, L = 2, 30
+    per = [make_inputs(2, L, 4, 3, 2, 5, seed=60 + k, opts=("z", "D1", "init")) for k in range(K)]
+    orders = [torch.randperm(L, generator=torch.Generator().manual_seed(k)) for k in range(K)]
+    lists = [[per[k][0][i] for k in range(K)] for i in range(5)]
+    A = torch.stack(lists[2])
+    y, s = ssd_scan_multi(lists[0], lists[1], A, lists[3], lists[4], D=torch.stack([per[k][1]["D"] for k in range(K)]),
+                          z=[per[k][1]["z"] for k in range(K)],
+                          initial_states=[per[k][1]["initial_states"] for k in range(K)], scan_order=orders,
+                          return_final_states=True, chunk_size=16, backend="torch")
+    for k in range(K):
+        yr, sr = ssd_scan_reference(*per[k][0], **per[k][1], scan_order=orders[k], return_final_states=True)
+        assert rel_err(y[k], yr) < 1e-5 and rel_err(s[k], sr) < 1e-5
+    with pytest.raises(ValueError, match="dt must have a leading K = 2"):
+        ssd_scan_multi(torch.stack(lists[0]), torch.stack(lists[1])[:1], A, torch.stack(lists[3]),
+                       torch.stack(lists[4]), backend="torch")
+    with pytest.raises(ValueError, match="scan_order must be a permutation"):
+        ssd_scan_multi(lists[0], lists[1], A, lists[3], lists[4], scan_order=[None, torch.zeros(L, dtype=torch.long)],
+                       backend="torch")
+
+
+def test_compiled_kernels_refuse_cpu_tensors():
+    with _kernel_mode(interpret=False):
+        args, _ = make_inputs(1, 5, 2, 2, 1, 2, seed=0)
+        with pytest.raises(NotImplementedError, match="CUDA tensors.*backend='torch'"):
+            ssd_scan(*args, backend="triton")
+
+
+# ----- on a GPU (benchmarks/gpu_check.sh): compiled kernels vs the reference ------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(scope="class")
+def compiled():
+    with _kernel_mode(interpret=False):
+        yield
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.usefixtures("compiled")
+class TestGPU:
+    @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)], ids=["fp32", "bf16"])
+    @pytest.mark.parametrize("opts", [("D1", "z", "bias", "softplus", "init", "order"),
+                                      ("D2", "seq", "flip", "init"), ()], ids=["gated-order", "seq-flip", "plain"])
+    def test_forward_backward_vs_reference(self, dtype, tol, opts):
+        args, kw = make_inputs(2, 1000, 8, 64, 2, 64, seed=1, opts=opts, device="cuda")
+        low = lambda t: t.to(dtype) if t.is_floating_point() and t.dim() > 1 else t  # noqa: E731
+        largs = tuple(low(t) if i != 2 else t for i, t in enumerate(args))
+        lkw = {k: (low(v) if k in ("z",) else v) for k, v in kw.items()}
+        from kernels.ssd.triton_scan import ssd_scan_triton
+
+        # the reference in float32 on the same (rounded) inputs; float64 would be slow on GPUs
+        ref_args = tuple(t.float() if t.is_floating_point() else t for t in largs)
+        ref_kw = {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in lkw.items()}
+        yr, sr, ref = run_with_grads(ssd_scan_reference, ref_args, ref_kw)
+        for det in (False, True):
+            y, s, got = run_with_grads(ssd_scan_triton, largs, lkw, chunk_size=64, deterministic=det)
+            assert rel_err(y, yr) < tol and rel_err(s, sr) < tol
+            for name in ref:
+                assert rel_err(got[name], ref[name]) < (tol if dtype == torch.float32 else 5e-2), (name, det)
+
+    def test_multi_direction_bf16(self):
+        K, L = 4, 2048
+        args, kw = make_inputs(2, L, 8, 64, 1, 64, seed=3, opts=("D1", "bias", "softplus"), device="cuda")
+        x, dt, A, B, C = args
+        orders = [None, torch.arange(L - 1, -1, -1, device="cuda"), torch.randperm(L, device="cuda"),
+                  torch.randperm(L, device="cuda")]
+        bf = torch.bfloat16
+        stack = lambda t: torch.stack([t * (1 + 0.1 * k) for k in range(K)]).to(bf)  # noqa: E731
+        y = ssd_scan_multi(stack(x), stack(dt), A, stack(B), stack(C), **kw, scan_order=orders, backend="triton")
+        for k in range(K):
+            yk = ssd_scan(*(t * (1 + 0.1 * k) for t in (x, dt)), A, *(t * (1 + 0.1 * k) for t in (B, C)), **kw,
+                          scan_order=orders[k], backend="torch")
+            assert rel_err(y[k], yk) < 3e-2, k

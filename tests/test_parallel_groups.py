@@ -1,0 +1,79 @@
+"""Process groups of mdm_dist.parallel.groups; also holds ``spawn``, the 2-process gloo launcher
+that the other tests/test_parallel_*.py files import."""
+
+import os
+import socket
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from mdm_dist.parallel.groups import ParallelLayoutError, build_groups, check_layout
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank, world, port, fn, args):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_SIZE=str(world),
+                      LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        fn(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(fn, *args, world: int = 2) -> None:
+    """Run ``fn(rank, world, *args)`` in ``world`` fresh gloo processes; re-raise their failure."""
+    cache = os.path.join(REPO, ".cache")
+    os.makedirs(os.path.join(cache, "torch_ext"), exist_ok=True)
+    for key, value in (("OMP_NUM_THREADS", "1"), ("DS_ACCELERATOR", "cpu"),
+                       ("TORCH_EXTENSIONS_DIR", os.path.join(cache, "torch_ext"))):
+        os.environ.setdefault(key, value)
+    mp.spawn(_entry, args=(world, _free_port(), fn, args), nprocs=world, join=True)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def test_impossible_layouts_raise_clear_errors():
+    with pytest.raises(ParallelLayoutError, match="world size 3 is not divisible"):
+        check_layout(3, 2)
+    with pytest.raises(ParallelLayoutError, match="6 heads, not divisible"):
+        check_layout(4, 4, nheads=6)
+    with pytest.raises(ParallelLayoutError, match="shorter than the sequence-parallel group"):
+        check_layout(4, 4, nheads=8, seqlen=3)
+    with pytest.raises(ParallelLayoutError, match="ngroups' = 3"):
+        check_layout(2, 2, nheads=6, ngroups=3)
+    with pytest.raises(ParallelLayoutError, match="attn_heads' = 3"):
+        check_layout(2, 2, nheads=8, attn_heads=3)
+    check_layout(4, 2, nheads=8, ngroups=1, seqlen=31, attn_heads=4)  # fine
+    check_layout(3, 1, nheads=5, seqlen=1)  # no SP: anything goes
+
+
+def _groups_worker(rank, world):
+    g = build_groups(2)
+    assert (g.sp_size, g.sp_rank, g.dp_size, g.dp_rank) == (2, rank, 1, 0)
+    assert dist.get_process_group_ranks(g.sp_group) == [0, 1]
+    assert dist.get_process_group_ranks(g.dp_group) == [rank]
+    x = torch.tensor([float(rank + 1)])
+    dist.all_reduce(x, group=g.sp_group)
+    assert x.item() == 3.0
+    with pytest.raises(ParallelLayoutError, match="not divisible"):
+        build_groups(4)
+    g1 = build_groups(1)
+    assert (g1.sp_size, g1.dp_size, g1.dp_rank, g1.sp_group) == (1, 2, rank, None)
+
+
+def test_build_groups_two_ranks():
+    spawn(_groups_worker)

@@ -37,7 +37,7 @@ class LossModel(nn.Module):
         vae = self.mdm.vae
         mu_t, logvar_t = vae.encode_text(ids)
         mu_i, _ = vae.encode_image(pixels)
-        txt_out, img_out = self.mdm(mu_t, mu_i, t, t.flip(0), category)
+        txt_out, img_out = self.mdm(mu_t, mu_i, t, 1.0 - t, category)  # per sample: DP-split safe
         logits = vae.decode_text(mu_t + txt_out)
         return (F.cross_entropy(logits.flatten(0, 1), ids.flatten()) + (img_out - mu_i).square().mean()
                 + 1e-3 * vae.kl(mu_t, logvar_t).mean())
@@ -118,8 +118,6 @@ def test_zero3_first_loss_matches_one_process():
     spawn(_zero_worker, 1)
 
 
-@pytest.mark.xfail(reason="open: after the first optimizer step the ZeRO-3 losses drift from the "
-                   "single-process ones by ~1e-3 relative (not from clipping); under investigation", strict=False)
 def test_zero3_training_matches_one_process():
     spawn(_zero_worker, STEPS)
 

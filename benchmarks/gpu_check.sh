@@ -4,7 +4,8 @@
 # 1. the venv (scripts/install.sh; a no-op when up to date). mamba-ssm's scan kernels are Triton
 #    and need none of its CUDA extensions, so the baseline runs from the base install;
 #    --gpu-extras also builds flash-attn / mamba-ssm / causal-conv1d with CUDA (slow, not needed).
-# 2. pytest -m gpu: the compiled kernels against the reference on CUDA, fp32 and bf16.
+# 2. pytest -m gpu: the compiled kernels (scan, ordered conv) against the references on CUDA in
+#    fp32 and bf16; flash-attn against float64 attention; the tiny MDM in bf16 on CUDA vs CPU.
 # 3. benchmarks/scan_throughput.py in bf16 (1 and 4 directions, fwd and fwd+bwd, 4K-64K tokens).
 # Everything lands in benchmarks/results/, named by the device.
 set -euo pipefail
@@ -21,7 +22,7 @@ DEV=$($PY -c 'import re, torch; assert torch.cuda.is_available(), "no CUDA devic
 echo "[gpu_check] device: $DEV"
 status=0
 # 1. GPU tests (3 minutes at most)
-timeout 150 $PY -m pytest -q -m gpu tests/test_ssd_triton.py --junitxml="benchmarks/results/gpu_tests_$DEV.xml" \
+timeout 150 $PY -m pytest -q -m gpu tests --junitxml="benchmarks/results/gpu_tests_$DEV.xml" \
   2>&1 | tee "benchmarks/results/gpu_tests_$DEV.log" || status=1
 # 2. benchmarks (the JSON is rewritten after every row, so a timeout still leaves results)
 timeout 190 $PY benchmarks/scan_throughput.py --device cuda 2>&1 | tee "benchmarks/results/scan_throughput_$DEV.log" \

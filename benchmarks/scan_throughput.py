@@ -15,6 +15,15 @@ using mamba-ssm must do), forward and forward+backward, at several lengths up to
 The floor is the bytes the op must move (read every input once, write every output once) over
 the device's peak memory bandwidth; "floor %" is floor time / measured time.
 
+Then, on the GPU, "mixer" rows: a 4-direction MambaBlock's mixers (one Mamba-2 mixer per
+direction, bf16, forward and forward+backward including every parameter gradient):
+``mixers_forward_stacked`` (in-kernel ordering, the 4 directions in one conv and one scan launch),
+our mixers called one direction at a time (in-kernel ordering, 4 launches each), and the
+mamba-ssm way: gather the input into each direction's order, in_proj, conv
+(``causal_conv1d_fn`` where its CUDA extension is installed, else cuDNN's ``F.conv1d``),
+``mamba_chunk_scan_combined``, out_proj, scatter back. All three use the same gated RMSNorm
+(PyTorch), so the rows differ only in ordering, conv and scan. ``--no-mixer`` skips them.
+
 Prints a table and writes ``benchmarks/results/scan_throughput_<device>.json``.
 """
 
@@ -222,6 +231,88 @@ def bench_gpu(args, save) -> list[dict]:
     return rows
 
 
+MIXER = dict(d_model=1024, d_state=128, d_conv=4, expand=2.0, headdim=64, ngroups=1, chunk_size=64)
+
+
+def _baseline_conv(width: int):
+    """mamba-ssm's conv: causal_conv1d_fn with its CUDA extension, else F.conv1d (its fallback)."""
+    import torch.nn.functional as F
+
+    try:
+        import causal_conv1d_cuda  # noqa: F401  the extension, not only the Python package
+        from causal_conv1d import causal_conv1d_fn
+
+        return "causal_conv1d_fn", lambda x, w, b: causal_conv1d_fn(
+            x.transpose(1, 2), w, b, activation="silu").transpose(1, 2)
+    except ImportError:
+        return "F.conv1d", lambda x, w, b: F.silu(F.conv1d(
+            F.pad(x.transpose(1, 2), (width - 1, 0)), w.unsqueeze(1), b, groups=x.shape[-1])).transpose(1, 2)
+
+
+def bench_gpu_mixer(args, save, rows) -> list[dict]:
+    """4-direction block mixers, forward and forward+backward: ours stacked / ours per direction /
+    mamba-ssm with gathered copies (see the module docstring)."""
+    import torch.nn.functional as F
+
+    from mdm_dist.models.mamba2 import Mamba2Mixer, keep_fp32_, mixers_forward_stacked, rms_norm_gated
+
+    try:
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+    except Exception as err:  # noqa: BLE001  the baseline is optional
+        print(f"[bench] mixer: mamba-ssm unavailable ({type(err).__name__}: {err}); timing ours only")
+        mamba_chunk_scan_combined = None
+    conv_name, conv = _baseline_conv(MIXER["d_conv"])
+    K, dtype = 4, torch.bfloat16
+    torch.manual_seed(0)
+    mixers = [keep_fp32_(Mamba2Mixer(**MIXER, scan_backend="triton", device="cuda").to(dtype)) for _ in range(K)]
+    params = [p for m in mixers for p in m.parameters()]
+
+    def theirs_one(m, u, order):
+        if order is not None:
+            u = u.index_select(1, order)
+        z, xBC, dt = torch.split(m.in_proj(u), [m.d_inner, m.conv_dim, m.nheads], dim=-1)
+        xBC = conv(xBC, m.conv1d.weight.squeeze(1), m.conv1d.bias)
+        gn = m.ngroups * m.d_state
+        x, B, C = torch.split(xBC, [m.d_inner, gn, gn], dim=-1)
+        y = mamba_chunk_scan_combined(
+            x.unflatten(-1, (m.nheads, m.headdim)), dt, -torch.exp(m.A_log.float()),
+            B.unflatten(-1, (m.ngroups, m.d_state)), C.unflatten(-1, (m.ngroups, m.d_state)), m.chunk_size,
+            D=m.D, dt_bias=m.dt_bias, dt_softplus=True)
+        out = m.out_proj(rms_norm_gated(y.flatten(-2), z, m.norm.weight, m.norm.group_size, m.norm.eps))
+        return out if order is None else out.index_select(1, torch.argsort(order))
+
+    for L in args.lengths or [4096, 16384]:
+        u = torch.randn(args.batch, L, MIXER["d_model"], device="cuda", dtype=dtype)
+        orders = scan_orders(K, L, "cuda")
+        impls = [
+            ("mixer ours stacked", lambda: mixers_forward_stacked(mixers, u, orders, backend="triton")),
+            ("mixer ours per-dir", lambda: sum(m(u, scan_order=o) for m, o in zip(mixers, orders))),
+        ]
+        if mamba_chunk_scan_combined is not None:
+            impls.append((f"mixer mamba-ssm+copy ({conv_name})",
+                          lambda: sum(theirs_one(m, u, o) for m, o in zip(mixers, orders))))
+        ref = None
+        for impl, fn in impls:
+            with torch.no_grad():
+                out = fn()
+                ref = out if ref is None else ref
+                err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+            t_f = timeit_gpu(fn)
+            u.requires_grad_(True)
+            t_fb = timeit_gpu(_fwd_bwd(fn, [u, *params]))
+            u.requires_grad_(False)
+            u.grad = None
+            tokens = args.batch * L * K
+            row = dict(impl=impl, K=K, seqlen=L, dtype="bfloat16", mixer=MIXER, rel_diff_vs_ours=err,
+                       fwd_s=t_f, fwd_bwd_s=t_fb, fwd_tok_s=tokens / t_f, fwd_bwd_tok_s=tokens / t_fb)
+            rows.append(row)
+            print_row(row)
+            save(rows)
+        del u
+        torch.cuda.empty_cache()
+    return rows
+
+
 def print_header(gpu: bool):
     extra = f"{'floor% f':>9} {'floor% fb':>9}" if gpu else f"{'max err':>9} {'rel err':>9}"
     print(f"{'impl':<20} {'K':>2} {'seqlen':>7} {'fwd ms':>9} {'fwd+bwd ms':>11} {'fwd Mtok/s':>11} "
@@ -235,6 +326,8 @@ def print_row(r: dict):
         extra = f"{100 * r['floor_frac_fwd']:8.1f}% {100 * r['floor_frac_fwd_bwd']:8.1f}%"
     else:
         extra = ""
+    if "rel_diff_vs_ours" in r:
+        extra = f"  rel diff {r['rel_diff_vs_ours']:.1e}"
     print(f"{r['impl']:<20} {r['K']:>2} {r['seqlen']:>7} {1e3 * r['fwd_s']:9.2f} {1e3 * r['fwd_bwd_s']:11.2f} "
           f"{r['fwd_tok_s'] / 1e6:11.3f} {r['fwd_bwd_tok_s'] / 1e6:11.3f} {extra}")
 
@@ -251,6 +344,7 @@ def main(argv=None):
     p.add_argument("--chunk-size", type=int, default=64)
     p.add_argument("--reps", type=int, default=3, help="CPU timing repetitions (median)")
     p.add_argument("--quick", action="store_true", help="GPU: skip 64K")
+    p.add_argument("--no-mixer", action="store_true", help="GPU: skip the 4-direction mixer rows")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = p.parse_args(argv)
     gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
@@ -272,6 +366,8 @@ def main(argv=None):
         path.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
 
     rows = bench_gpu(args, save) if gpu else bench_cpu(args)
+    if gpu and not args.no_mixer:
+        bench_gpu_mixer(args, save, rows)
     if not gpu:
         for r in rows:
             print_row(r)

@@ -1,5 +1,7 @@
 """Mamba2Mixer against an independent float64 sequential implementation, plus scan order,
-packed sequences, gradients, fp32 parameters in a bf16 module, and meta-device construction."""
+packed sequences, gradients, fp32 parameters in a bf16 module, and meta-device construction;
+its Triton path (ordering inside the conv and scan kernels, run in Triton's interpreter) against
+its gathering CPU path, and the stacked multi-direction block against the per-direction loop."""
 
 from __future__ import annotations
 
@@ -10,7 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from mdm_dist.config import ModelConfig
-from mdm_dist.models.mamba2 import Mamba2Mixer, RMSNormGated, keep_fp32_
+from mdm_dist.models.backbone import MambaBlock
+from mdm_dist.models.mamba2 import Mamba2Mixer, RMSNormGated, keep_fp32_, mixers_forward_stacked
+from test_ssd_triton import KERNEL_MODULES, _kernel_mode
 
 F64 = torch.float64
 SMALL = dict(d_model=16, d_state=4, d_conv=4, expand=2.0, headdim=8, ngroups=2, chunk_size=8)
@@ -205,3 +209,87 @@ def test_bad_input_shapes():
     with pytest.raises(ValueError, match="divisible by headdim"):
         Mamba2Mixer(d_model=10, headdim=8)
     assert math.isfinite(m(torch.randn(1, 1, 16, dtype=F64)).sum().item())  # seqlen 1
+
+
+# ----- the Triton path (ordering inside the kernels) against the gathering CPU path ------------
+# The kernels run in Triton's interpreter (tests/test_ssd_triton.py explains ``_kernel_mode``).
+
+TRITON_MODULES = KERNEL_MODULES + ("kernels.conv1d.triton_conv",)
+
+
+def _with_grads(fn, modules, u, seed=9):
+    """fn(u) and the gradients of a fixed random linear function of it: u's and every parameter's."""
+    for m in modules:
+        m.zero_grad()
+    u = u.detach().clone().requires_grad_()
+    out = fn(u)
+    (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)).sum().backward()
+    grads = {f"{i}.{n}": p.grad.clone() for i, m in enumerate(modules) for n, p in m.named_parameters()}
+    return out.detach(), u.grad, grads
+
+
+def _assert_same(a, b, tol):
+    (oa, ua, ga), (ob, ub, gb) = a, b
+    assert rel_err(oa, ob) < tol and rel_err(ua, ub) < tol
+    assert ga.keys() == gb.keys()
+    for name in ga:
+        assert rel_err(ga[name], gb[name]) < tol, name
+
+
+def test_ordered_path_with_torch_backends_equals_gathered_path_float64():
+    m = make_mixer(seed=6)
+    u = torch.randn(2, 19, 16, dtype=F64)
+    perm = torch.randperm(19)
+    seq_idx = torch.randint(0, 2, (2, 19))
+    got = m._forward_ordered(u, perm, seq_idx, "torch")
+    torch.testing.assert_close(got, m(u, scan_order=perm, seq_idx=seq_idx), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["per_direction", "shared"])
+def test_stacked_directions_equal_the_loop_float64(shared):
+    mixers = [make_mixer(seed=10 + k) for k in range(1 if shared else 3)]
+    u = torch.randn(2, 15, 16, dtype=F64)
+    orders = [None, torch.arange(14, -1, -1), torch.randperm(15)]
+    seq_idx = (torch.arange(15) >= 6).long().expand(2, 15)
+
+    def loop(u):
+        return sum(mixers[0 if shared else k](u, scan_order=o, seq_idx=seq_idx) for k, o in enumerate(orders))
+
+    _assert_same(_with_grads(lambda u: mixers_forward_stacked(mixers, u, orders, seq_idx, backend="torch"), mixers, u),
+                 _with_grads(loop, mixers, u), 1e-12)
+
+
+@pytest.fixture(scope="class")
+def interpreted():
+    with _kernel_mode(interpret=True, modules=TRITON_MODULES):
+        yield
+
+
+@pytest.mark.usefixtures("interpreted")
+class TestTritonPath:
+    def test_mixer_triton_path_equals_torch_path(self):
+        ref = make_mixer(seed=7, dtype=torch.float32)
+        tri = make_mixer(seed=7, dtype=torch.float32, scan_backend="triton")
+        tri.load_state_dict(ref.state_dict())
+        u = torch.randn(2, 21, 16)
+        perm = torch.randperm(21, generator=torch.Generator().manual_seed(1))
+        seq_idx = torch.tensor([[0] * 8 + [1] * 13, [0] * 21])
+        assert tri.resolve_backend(u) == "triton" and ref.resolve_backend(u) == "torch"
+        for order, seq in ((perm, seq_idx), (None, None), (torch.arange(20, -1, -1), None)):
+            _assert_same(_with_grads(lambda u: tri(u, scan_order=order, seq_idx=seq), [tri], u),
+                         _with_grads(lambda u: ref(u, scan_order=order, seq_idx=seq), [ref], u), 2e-5)
+
+    @pytest.mark.parametrize("shared", [False, True], ids=["per_direction", "shared"])
+    def test_block_stacked_directions_equal_per_direction_loop(self, shared):
+        cfg = ModelConfig(d_model=16, d_state=4, headdim=8, ngroups=2, chunk_size=16, scan_backend="triton",
+                          proj_bias=True, share_direction_weights=shared)
+        torch.manual_seed(8)
+        block = MambaBlock(cfg, ["row", "row_rev", "col"])
+        L = 18
+        orders = {"row": torch.arange(L), "row_rev": torch.arange(L - 1, -1, -1),
+                  "col": torch.arange(L).view(3, 6).t().reshape(-1)}
+        x = torch.randn(2, L, 16)
+        assert block._stacked_backend(block.norm(x)) == "triton"
+        stacked = _with_grads(lambda x: block(x, orders), [block], x)
+        block.stack_directions = False
+        _assert_same(stacked, _with_grads(lambda x: block(x, orders), [block], x), 2e-5)

@@ -27,25 +27,35 @@ GRAD_NAMES = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states")
 
 
 @contextlib.contextmanager
-def _kernel_mode(interpret: bool):
-    """Import the Triton kernel modules fresh, interpreted or compiled; undo on exit."""
+def _kernel_mode(interpret: bool, modules: tuple[str, ...] = KERNEL_MODULES):
+    """Import the Triton kernel modules fresh, interpreted or compiled; undo on exit.
+
+    ``modules`` are dotted names (the kernels of another op, e.g. ``kernels.conv1d.triton_conv``,
+    work the same way); each is also dropped from, and restored to, its parent package.
+    """
     saved_env = os.environ.get("TRITON_INTERPRET")
-    saved_mods = {name: sys.modules.get(name) for name in KERNEL_MODULES}
-    pkg = importlib.import_module("kernels.ssd")
+    saved_mods = {name: sys.modules.get(name) for name in modules}
+
+    def parent_and_leaf(name):
+        pkg_name, leaf = name.rsplit(".", 1)
+        return importlib.import_module(pkg_name), leaf
 
     def drop():
-        for name in KERNEL_MODULES:
+        for name in modules:
             sys.modules.pop(name, None)
-            if hasattr(pkg, name.rsplit(".", 1)[1]):
-                delattr(pkg, name.rsplit(".", 1)[1])
+            pkg, leaf = parent_and_leaf(name)
+            if hasattr(pkg, leaf):
+                delattr(pkg, leaf)
 
     drop()
     os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
+    restore_lang = _language_mode(interpret)
     try:
-        for name in KERNEL_MODULES:
+        for name in modules:
             importlib.import_module(name)
         yield
     finally:
+        restore_lang()
         drop()
         if saved_env is None:
             os.environ.pop("TRITON_INTERPRET", None)
@@ -54,7 +64,39 @@ def _kernel_mode(interpret: bool):
         for name, mod in saved_mods.items():
             if mod is not None:
                 sys.modules[name] = mod
-                setattr(pkg, name.rsplit(".", 1)[1], mod)
+                pkg, leaf = parent_and_leaf(name)
+                setattr(pkg, leaf, mod)
+
+
+def _language_mode(interpret: bool):
+    """Make triton.language's own jit'd helpers (``tl.zeros``, ``tl.sigmoid``, ``tl.max``, ...) match
+    the mode; returns the function that undoes it.
+
+    They are decorated once, when ``triton.language`` is first imported, in the mode of that moment;
+    torch itself may import it early (building a module on the meta device does), and an
+    interpreted kernel calling a compiled helper fails ("Cannot call @triton.jit'd outside of the
+    scope of a kernel"), as does the reverse.
+    """
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    wrong, make = (JITFunction, InterpretedFunction) if interpret else (InterpretedFunction, JITFunction)
+    swapped, replacement = [], {}
+    for name, mod in list(sys.modules.items()):
+        if mod is None or not (name == "triton.language" or name.startswith("triton.language.")):
+            continue
+        for attr, obj in list(vars(mod).items()):
+            if type(obj) is wrong:
+                if id(obj) not in replacement:  # one replacement per helper, shared by re-exports
+                    replacement[id(obj)] = make(obj.fn)
+                swapped.append((mod, attr, obj))
+                setattr(mod, attr, replacement[id(obj)])
+
+    def restore():
+        for mod, attr, obj in swapped:
+            setattr(mod, attr, obj)
+
+    return restore
 
 
 def rel_err(a, b) -> float:
@@ -164,6 +206,28 @@ class TestInterpreter:
         for name in ref:
             assert got[name] is not None, name
             assert rel_err(got[name], ref[name]) < 1e-5, name
+
+    def test_inputs_as_views_into_one_projection(self):
+        # as in the mixer: x, dt, B, C, z are slices of one (batch, seqlen, width) tensor, so dt's
+        # strides are not those of a contiguous (batch, seqlen, nheads) tensor (nor of ddt)
+        b, L, h, p, g, n = 2, 19, 2, 4, 1, 3
+        args, kw = make_inputs(b, L, h, p, g, n, seed=31, opts=("z", "D1", "bias", "softplus", "order"))
+        x, dt, A, B, C = args
+        proj = torch.cat([x.flatten(2), dt, B.flatten(2), C.flatten(2), kw["z"].flatten(2)], dim=-1)
+        proj.requires_grad_()
+        px, pdt, pB, pC, pz = torch.split(proj, [h * p, h, g * n, g * n, h * p], dim=-1)
+        assert pdt.stride(1) == proj.shape[-1]
+        rest = {k: v for k, v in kw.items() if k != "z"}
+        y = ssd_scan(px.unflatten(-1, (h, p)), pdt, A, pB.unflatten(-1, (g, n)), pC.unflatten(-1, (g, n)),
+                     z=pz.unflatten(-1, (h, p)), **rest, chunk_size=16, backend="triton")
+        wy = torch.randn(y.shape, generator=torch.Generator().manual_seed(2))
+        (y * wy).sum().backward()
+        leaves = [t.clone().requires_grad_() for t in (x, dt, B, C, kw["z"])]
+        yr = ssd_scan_reference(*leaves[:2], A, *leaves[2:4], z=leaves[4], **rest)
+        (yr * wy).sum().backward()
+        assert rel_err(y, yr) < 1e-5
+        expected = torch.cat([t.grad.flatten(2) for t in leaves], dim=-1)
+        assert rel_err(proj.grad, expected) < 1e-5
 
     def test_deterministic_backward_is_bitwise_repeatable(self):
         args, kw = make_inputs(1, 21, 4, 4, 1, 4, seed=5, opts=("z", "D1", "init"))

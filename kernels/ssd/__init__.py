@@ -24,7 +24,7 @@ from torch import Tensor
 from kernels.ssd.chunked import ssd_scan_chunked
 from kernels.ssd.reference import ssd_scan_reference
 
-__all__ = ["BACKENDS", "ssd_scan", "ssd_scan_chunked", "ssd_scan_multi", "ssd_scan_reference"]
+__all__ = ["BACKENDS", "resolve_backend", "ssd_scan", "ssd_scan_chunked", "ssd_scan_multi", "ssd_scan_reference"]
 
 BACKENDS = ("auto", "torch", "reference", "triton")
 
@@ -88,7 +88,7 @@ def ssd_scan(
     if backend not in BACKENDS:
         raise ValueError(f"ssd_scan: unknown backend {backend!r}; allowed values: {', '.join(BACKENDS)}")
     _check_inputs(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, scan_order, chunk_size)
-    backend = _pick_backend(backend, x, "ssd_scan")
+    backend = resolve_backend(backend, x, "ssd_scan")
 
     batch, seqlen, nheads, headdim = x.shape
     if seqlen == 0:  # nothing to scan: the state passes through unchanged
@@ -111,8 +111,10 @@ def ssd_scan(
     return ssd_scan_chunked(*args, chunk_size=chunk_size)
 
 
-def _pick_backend(backend: str, x: Tensor, who: str) -> str:
-    """Resolve ``auto``; for ``triton`` raise NotImplementedError where the kernels cannot run."""
+def resolve_backend(backend: str, x: Tensor, who: str = "ssd_scan") -> str:
+    """The backend ``ssd_scan`` runs for inputs like x: ``auto`` is ``triton`` for CUDA tensors of
+    a supported dtype, ``torch`` otherwise; ``triton`` raises NotImplementedError (naming the way
+    out) where the kernels cannot run."""
     if backend == "auto":
         if x.is_cuda and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
             return "triton"
@@ -197,7 +199,7 @@ def ssd_scan_multi(
     for k in range(K):  # each direction is a valid ssd_scan call (views, no copies)
         _check_inputs(x[k], dt[k], A[k], B[k], C[k], pick(D, k), pick(z, k), pick(dt_bias, k),
                       pick(initial_states, k), seq_idx, pick(scan_order, k), chunk_size)
-    backend = _pick_backend(backend, x, "ssd_scan_multi")
+    backend = resolve_backend(backend, x, "ssd_scan_multi")
 
     if backend == "triton" and seqlen > 0:
         from kernels.ssd.triton_scan import ssd_scan_triton_stacked

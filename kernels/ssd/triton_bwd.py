@@ -50,6 +50,7 @@ def _ssd_bwd_kernel(
     s_yk, s_yb, s_yl, s_yh, s_yp,
     s_fk, s_fb, s_fh, s_fp, s_fn,
     s_gk, s_gb, s_gl, s_gh, s_gn,  # dB / dC buffers: per head (deterministic) or per group
+    s_tk, s_tb, s_tl, s_th,  # ddt (contiguous: dt itself may be a strided view into a projection)
     BQ: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
     HAS_D: tl.constexpr, D_HDIM: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_ORDER: tl.constexpr,
@@ -179,7 +180,7 @@ def _ssd_bwd_kernel(
 
         tl.store(dx_ptr + k * s_yk + b * s_yb + pos[:, None] * s_yl + h * s_yh + offs_p[None, :] * s_yp,
                  dx.to(dx_ptr.dtype.element_ty), mask=omask)
-        tl.store(ddt_ptr + k * s_dk + b * s_db + pos * s_dl + h * s_dh, ddt.to(ddt_ptr.dtype.element_ty), mask=valid)
+        tl.store(ddt_ptr + k * s_tk + b * s_tb + pos * s_tl + h * s_th, ddt.to(ddt_ptr.dtype.element_ty), mask=valid)
         nmask = valid[:, None] & mn[None, :]
         off_g = k * s_gk + b * s_gb + pos[:, None] * s_gl + hb * s_gh + offs_n[None, :] * s_gn
         if PER_HEAD_DBC:
@@ -235,7 +236,7 @@ def ssd_bwd_triton(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initi
         *x.stride(), *dt.stride(), *A.stride(), *B.stride(), *C.stride(),
         *(_strides(D, 3) if D is None or D.dim() == 3 else (*D.stride(), 0)),
         *_strides(z, 5), *_strides(dt_bias, 2), *_strides(seq_idx, 3), *_strides(scan_order, 2),
-        *dy.stride(), *_strides(dfinal, 5), *dB.stride(),
+        *dy.stride(), *_strides(dfinal, 5), *dB.stride(), *ddt.stride(),
         BQ=BQ, BP=_block(headdim), BN=_block(dstate),
         HAS_D=D is not None, D_HDIM=D is not None and D.dim() == 3, HAS_Z=z is not None,
         HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), HAS_SEQ=seq_idx is not None,

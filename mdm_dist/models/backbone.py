@@ -30,7 +30,7 @@ from torch import nn
 
 from mdm_dist.config import ModelConfig, VAEConfig
 from mdm_dist.models.attention import AttentionBlock
-from mdm_dist.models.mamba2 import Mamba2Mixer
+from mdm_dist.models.mamba2 import Mamba2Mixer, mixers_forward_stacked
 from mdm_dist.models.scan import NUM_PREFIX, SequenceLayout, scan_orders
 
 
@@ -65,12 +65,21 @@ class MambaBlock(nn.Module):
 
     ``directions`` names the scan directions of this block; with ``share_weights`` one mixer serves
     them all, else each direction has its own mixer (the paper's 7B reading).
+
+    ``stack_directions`` (default on): when the mixers run on the Triton path, all directions go
+    through :func:`mixers_forward_stacked` (one conv launch and one scan launch for the K
+    directions, each ordering its reads and writes inside the kernels) instead of one mixer call
+    per direction; the result is the same. It falls back to the per-direction loop where a mixer's
+    ``forward`` is replaced (the sequence-parallel subclass) or its parameters are partitioned by
+    ZeRO-3 (each mixer is a ZeRO-3 leaf module whose parameters are gathered by its own forward).
     """
 
-    def __init__(self, cfg: ModelConfig, directions: list[str], device=None, dtype=None):
+    def __init__(self, cfg: ModelConfig, directions: list[str], device=None, dtype=None,
+                 stack_directions: bool = True):
         super().__init__()
         self.directions = list(directions)
         self.combine = cfg.direction_combine
+        self.stack_directions = stack_directions
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps, device=device, dtype=dtype)
         n_mixers = 1 if cfg.share_direction_weights else len(directions)
         self.mixers = nn.ModuleList(
@@ -79,14 +88,30 @@ class MambaBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, orders: dict[str, torch.Tensor]) -> torch.Tensor:
         h = self.norm(x)
-        out = None
-        for i, name in enumerate(self.directions):
-            mixer = self.mixers[i if len(self.mixers) > 1 else 0]
-            y = mixer(h, scan_order=orders[name])
-            out = y if out is None else out + y
+        backend = self._stacked_backend(h)
+        if backend is not None:
+            out = mixers_forward_stacked(self.mixers, h, [orders[name] for name in self.directions],
+                                         backend=backend)
+        else:
+            out = None
+            for i, name in enumerate(self.directions):
+                mixer = self.mixers[i if len(self.mixers) > 1 else 0]
+                y = mixer(h, scan_order=orders[name])
+                out = y if out is None else out + y
         if self.combine == "mean" and len(self.directions) > 1:
             out = out / len(self.directions)
         return x + out
+
+    def _stacked_backend(self, h: torch.Tensor) -> str | None:
+        """``triton`` when the directions can run stacked (see the class docstring), else None."""
+        if not self.stack_directions or len(self.directions) < 2:
+            return None
+        if any(type(m).forward is not Mamba2Mixer.forward for m in self.mixers):
+            return None  # a subclass (sequence parallelism) computes its own way
+        if any(hasattr(p, "ds_id") for p in self.mixers.parameters()):
+            return None  # ZeRO-3 partitions: only the mixer's own forward gathers them
+        backends = {m.resolve_backend(h) for m in self.mixers}
+        return "triton" if backends == {"triton"} else None
 
 
 class MDMBackbone(nn.Module):

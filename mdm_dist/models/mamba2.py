@@ -10,8 +10,17 @@
 
 Scan order: ``forward(u, scan_order=perm)`` runs the whole mixer along the permuted sequence
 (the causal conv and the scan both see ``u[:, perm[0]], u[:, perm[1]], ...``) and returns the
-output in the original positions. For now this gathers u once at entry and scatters the output
-once at exit; the fused-kernel issue moves the ordering into the conv and scan kernels.
+output in the original positions. Two paths compute this same function:
+
+* Triton (CUDA tensors with ``scan_backend`` auto, or ``scan_backend="triton"``): no permuted
+  copies. in_proj, the gated norm and out_proj are per token and run in the original order; the
+  conv (``kernels.conv1d``) and the scan (``kernels.ssd``) take ``scan_order`` and gather on load
+  and scatter on store inside their kernels.
+* torch / reference (the CPU path): u is gathered into scan order once at entry and the output
+  scattered back once at exit, around plain PyTorch ops (copies are cheap on CPU).
+
+:func:`mixers_forward_stacked` runs several directions (one mixer each, or one shared mixer) with
+one in_proj GEMM, one conv launch, one scan launch and one out_proj GEMM; ``MambaBlock`` uses it.
 
 A_log, D and dt_bias stay float32 even in a bfloat16 model (as in Mamba-2): they carry the
 attributes ``_mdm_keep_fp32`` and ``_no_weight_decay``; ``nn.Module.to(dtype)`` casts them like
@@ -21,6 +30,7 @@ any parameter, so call :func:`keep_fp32_` after such a cast.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -28,7 +38,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels.ssd import ssd_scan
+from kernels.conv1d import causal_conv1d, causal_conv1d_multi
+from kernels.conv1d import resolve_backend as resolve_conv_backend
+from kernels.ssd import resolve_backend, ssd_scan, ssd_scan_multi
 
 if TYPE_CHECKING:
     from mdm_dist.config import ModelConfig
@@ -82,14 +94,20 @@ class RMSNormGated(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, x: Tensor, z: Tensor | None = None) -> Tensor:
-        dtype = x.dtype
-        wdtype = torch.promote_types(dtype, torch.float32)
-        h = x.to(wdtype)
-        if z is not None:
-            h = h * F.silu(z.to(wdtype))
-        h = h.unflatten(-1, (-1, self.group_size))
-        h = h * torch.rsqrt(h.square().mean(-1, keepdim=True) + self.eps)
-        return (h.flatten(-2) * self.weight.to(wdtype)).to(dtype)
+        return rms_norm_gated(x, z, self.weight, self.group_size, self.eps)
+
+
+def rms_norm_gated(x: Tensor, z: Tensor | None, weight: Tensor, group_size: int, eps: float) -> Tensor:
+    """rmsnorm(x * silu(z)) * weight over groups of ``group_size`` channels of the last dim;
+    weight broadcasts against x (e.g. (K, 1, 1, C) for K stacked directions)."""
+    dtype = x.dtype
+    wdtype = torch.promote_types(dtype, torch.float32)
+    h = x.to(wdtype)
+    if z is not None:
+        h = h * F.silu(z.to(wdtype))
+    h = h.unflatten(-1, (-1, group_size))
+    h = h * torch.rsqrt(h.square().mean(-1, keepdim=True) + eps)
+    return (h.flatten(-2) * weight.to(wdtype)).to(dtype)
 
 
 class Mamba2Mixer(nn.Module):
@@ -195,22 +213,55 @@ class Mamba2Mixer(nn.Module):
             raise ValueError(
                 f"Mamba2Mixer: u must have shape (batch, seqlen, {self.d_model}), got {tuple(u.shape)}"
             )
-        batch, seqlen, _ = u.shape
+        seqlen = u.shape[1]
+        if scan_order is not None and tuple(scan_order.shape) != (seqlen,):
+            raise ValueError(f"Mamba2Mixer: scan_order must have shape ({seqlen},), got {tuple(scan_order.shape)}")
+        backend = self.resolve_backend(u)
+        if backend == "triton":
+            return self._forward_ordered(u, scan_order, seq_idx, backend)
+        return self._forward_gathered(u, scan_order, seq_idx, backend)
+
+    def resolve_backend(self, u: Tensor) -> str:
+        """The backend this mixer's conv and scan run for input u: ``triton`` (CUDA tensors under
+        ``auto``), else ``torch`` or ``reference``; raises NotImplementedError for an explicit
+        ``triton`` where the kernels cannot run."""
+        backend = resolve_backend(self.scan_backend, u, "Mamba2Mixer")
+        if backend == "triton":
+            resolve_conv_backend(backend, u, "Mamba2Mixer")
+        return backend
+
+    def _forward_ordered(self, u: Tensor, scan_order: Tensor | None, seq_idx: Tensor | None,
+                         backend: str) -> Tensor:
+        """Everything in the original order; the conv and scan kernels apply scan_order inside."""
+        z, xBC, dt = torch.split(self.in_proj(u), [self.d_inner, self.conv_dim, self.nheads], dim=-1)
+        bias = self.conv1d.bias
+        xBC = causal_conv1d(xBC, self.conv1d.weight.squeeze(1), bias, scan_order, seq_idx, "silu", backend)
+        y = self._scan(xBC, dt, seq_idx, scan_order, backend)
+        return self.out_proj(self.norm(y.flatten(-2), z))
+
+    def _forward_gathered(self, u: Tensor, scan_order: Tensor | None, seq_idx: Tensor | None,
+                          backend: str) -> Tensor:
+        """The CPU path: gather u into scan order, run in that order, scatter the output back."""
         if scan_order is not None:
-            if tuple(scan_order.shape) != (seqlen,):
-                raise ValueError(
-                    f"Mamba2Mixer: scan_order must have shape ({seqlen},), got {tuple(scan_order.shape)}"
-                )
             u = u.index_select(1, scan_order)
             if seq_idx is not None:
                 seq_idx = seq_idx.index_select(1, scan_order)
+        z, xBC, dt = torch.split(self.in_proj(u), [self.d_inner, self.conv_dim, self.nheads], dim=-1)
+        xBC = causal_conv1d(xBC, self.conv1d.weight.squeeze(1), self.conv1d.bias, None, seq_idx, "silu",
+                            "reference" if backend == "reference" else "torch")
+        y = self._scan(xBC, dt, seq_idx, None, backend)
+        out = self.out_proj(self.norm(y.flatten(-2), z))
+        if scan_order is not None:
+            inverse = torch.empty_like(scan_order)
+            inverse[scan_order] = torch.arange(scan_order.numel(), device=scan_order.device)
+            out = out.index_select(1, inverse)
+        return out
 
-        zxbcdt = self.in_proj(u)
-        z, xBC, dt = torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.nheads], dim=-1)
-        xBC = F.silu(self._causal_conv(xBC, seq_idx))
+    def _scan(self, xBC: Tensor, dt: Tensor, seq_idx: Tensor | None, scan_order: Tensor | None,
+              backend: str) -> Tensor:
         gn = self.ngroups * self.d_state
         x, B, C = torch.split(xBC, [self.d_inner, gn, gn], dim=-1)
-        y = ssd_scan(
+        return ssd_scan(
             x.unflatten(-1, (self.nheads, self.headdim)),
             dt,
             -torch.exp(self.A_log.to(torch.promote_types(self.A_log.dtype, torch.float32))),
@@ -220,35 +271,62 @@ class Mamba2Mixer(nn.Module):
             dt_bias=self.dt_bias,
             dt_softplus=True,
             seq_idx=seq_idx,
+            scan_order=scan_order,
             chunk_size=self.chunk_size,
-            backend=self.scan_backend,
+            backend=backend,
         )
-        y = self.norm(y.flatten(-2), z)
-        out = self.out_proj(y)
 
-        if scan_order is not None:
-            inverse = torch.empty_like(scan_order)
-            inverse[scan_order] = torch.arange(seqlen, device=scan_order.device)
-            out = out.index_select(1, inverse)
-        return out
 
-    def _causal_conv(self, xBC: Tensor, seq_idx: Tensor | None) -> Tensor:
-        """Depthwise causal conv over the sequence of xBC (B, L, conv_dim); bias, no activation.
+def mixers_forward_stacked(
+    mixers: Sequence[Mamba2Mixer],
+    u: Tensor,
+    scan_orders: Sequence[Tensor | None],
+    seq_idx: Tensor | None = None,
+    backend: str = "triton",
+) -> Tensor:
+    """``sum_k mixers[k](u, scan_orders[k], seq_idx)`` for K directions, computed all at once.
 
-        With seq_idx, taps that reach back into an earlier packed sequence are dropped.
-        """
-        seqlen, K = xBC.shape[1], self.d_conv
-        weight = self.conv1d.weight.squeeze(1)  # (conv_dim, K); tap K-1 multiplies position t
-        if seq_idx is None:
-            out = F.conv1d(F.pad(xBC.transpose(1, 2), (K - 1, 0)), self.conv1d.weight,
-                           self.conv1d.bias, groups=self.conv_dim)
-            return out.transpose(1, 2)
-        change = seq_idx[:, 1:] != seq_idx[:, :-1]
-        seg = F.pad(change.long().cumsum(1), (1, 0))  # monotone ids: one per run of equal seq_idx
-        xp = F.pad(xBC, (0, 0, K - 1, 0))
-        segp = F.pad(seg, (K - 1, 0), value=-1)
-        out = xBC.new_zeros(xBC.shape) if self.conv1d.bias is None else self.conv1d.bias.expand_as(xBC)
-        for k in range(K):  # tap k reads position t - (K - 1) + k
-            same = (segp[:, k:k + seqlen] == seg).to(xBC.dtype)[..., None]
-            out = out + xp[:, k:k + seqlen] * weight[:, k] * same
-        return out
+    ``mixers`` holds one mixer per direction, or one mixer shared by all K directions; they must
+    have the same sizes (as built from one config). The K directions' in_proj outputs come from
+    one GEMM (the weights concatenated) as K strided views of one tensor, then one conv launch
+    (:func:`kernels.conv1d.causal_conv1d_multi`) and one scan launch
+    (:func:`kernels.ssd.ssd_scan_multi`), each applying its direction's order inside the kernel,
+    the K gated norms at once, and one out_proj GEMM that also sums the directions. Meant for the
+    Triton path; other backends give the same result with per-direction loops inside.
+    """
+    K, shared = len(scan_orders), len(mixers) == 1
+    m0 = mixers[0]
+    if not shared and len(mixers) != K:
+        raise ValueError(f"mixers_forward_stacked: {len(mixers)} mixers for {K} directions (give 1 or {K})")
+    batch, seqlen, _ = u.shape
+    di, cd, H = m0.d_inner, m0.conv_dim, m0.nheads
+    cat = lambda ts, dim=0: None if ts[0] is None else torch.cat(ts, dim)  # noqa: E731
+    stack = lambda ts: None if ts[0] is None else torch.stack(ts)  # noqa: E731
+    if shared:
+        zxbcdt = m0.in_proj(u).unsqueeze(0).expand(K, -1, -1, -1)
+    else:  # one GEMM; (B, L, K * d_in_proj) viewed as (K, B, L, d_in_proj), no copy
+        w = cat([m.in_proj.weight for m in mixers])
+        zxbcdt = F.linear(u, w, cat([m.in_proj.bias for m in mixers]))
+        zxbcdt = zxbcdt.view(batch, seqlen, K, -1).permute(2, 0, 1, 3)
+    z, xBC, dt = torch.split(zxbcdt, [di, cd, H], dim=-1)
+    one = (lambda get: get(m0)) if shared else (lambda get: stack([get(m) for m in mixers]))  # noqa: E731
+    xBC = causal_conv1d_multi(xBC, one(lambda m: m.conv1d.weight.squeeze(1)), one(lambda m: m.conv1d.bias),
+                              list(scan_orders), seq_idx, "silu", backend)
+    gn = m0.ngroups * m0.d_state
+    x, B, C = torch.split(xBC, [di, gn, gn], dim=-1)
+    A_log = one(lambda m: m.A_log)
+    y = ssd_scan_multi(
+        x.unflatten(-1, (H, m0.headdim)), dt, -torch.exp(A_log.to(torch.promote_types(A_log.dtype, torch.float32))),
+        B.unflatten(-1, (m0.ngroups, m0.d_state)), C.unflatten(-1, (m0.ngroups, m0.d_state)),
+        D=one(lambda m: m.D), dt_bias=one(lambda m: m.dt_bias), dt_softplus=True, seq_idx=seq_idx,
+        scan_order=list(scan_orders), chunk_size=m0.chunk_size, backend=backend,
+    ).flatten(-2)  # (K, B, L, d_inner)
+    norm_w = one(lambda m: m.norm.weight)
+    y = rms_norm_gated(y, z, norm_w if shared else norm_w[:, None, None, :], m0.norm.group_size, m0.norm.eps)
+    if shared:  # out_proj is linear: project the sum of the directions once
+        out = F.linear(y.sum(0), m0.out_proj.weight)
+        return out if m0.out_proj.bias is None else out + K * m0.out_proj.bias
+    # (B, L, K * d_inner) @ (d_model, K * d_inner)^T: the GEMM sums over the directions
+    y = y.permute(1, 2, 0, 3).reshape(batch, seqlen, K * di)
+    bias = stack([m.out_proj.bias for m in mixers])
+    return F.linear(y, cat([m.out_proj.weight for m in mixers], 1), None if bias is None else bias.sum(0))

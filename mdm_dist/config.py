@@ -157,6 +157,7 @@ class DataConfig:
     proportions: list[float] = field(default_factory=list)
     num_workers: int = 0
     shuffle: bool = True
+    tokenizer: str = ""  # tokenizer directory (data_prep/train_tokenizer.py) to decode sampled captions
 
 
 @dataclass

@@ -17,14 +17,6 @@ from mdm_dist.diffusion.schedules import LogLinearNoise, VPSchedule, from_config
 MASK = 1
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a shared CPU OpenMP's spinning
-    threads make them ~30x slower; restore the setting afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 # ----------------------------------------------------------------------------------------------
 # Score entropy

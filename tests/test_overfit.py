@@ -14,14 +14,6 @@ from mdm_dist.config import load_config
 from mdm_dist.diffusion import mdm_loss
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a shared CPU OpenMP's spinning
-    threads make them ~30x slower; restore the setting afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 TINY = [
     "model.d_model=64", "model.n_layers=2", "model.headdim=16", "model.d_state=8",

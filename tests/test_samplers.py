@@ -13,14 +13,6 @@ from mdm_dist.diffusion.samplers import absorbing_step, guide
 from mdm_dist.diffusion.schedules import from_config
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a shared CPU OpenMP's spinning
-    threads make them ~30x slower; restore the setting afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 # ----------------------------------------------------------------------------------------------
 # Stand-ins with the docs/model.md interfaces, small enough for exact math

@@ -7,6 +7,7 @@
 # 2. pytest -m gpu: the compiled kernels (scan, ordered conv) against the references on CUDA in
 #    fp32 and bf16; flash-attn against float64 attention; the tiny MDM in bf16 on CUDA vs CPU.
 # 3. benchmarks/scan_throughput.py in bf16 (1 and 4 directions, fwd and fwd+bwd, 4K-64K tokens).
+# 4. benchmarks/train_throughput.py for configs/350m.yaml and configs/1b.yaml.
 # Everything lands in benchmarks/results/, named by the device.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,5 +28,11 @@ timeout 150 $PY -m pytest -q -m gpu tests --junitxml="benchmarks/results/gpu_tes
 # 2. benchmarks (the JSON is rewritten after every row, so a timeout still leaves results)
 timeout 190 $PY benchmarks/scan_throughput.py --device cuda 2>&1 | tee "benchmarks/results/scan_throughput_$DEV.log" \
   || status=1
+# 3. training throughput of 350m and 1b on one GPU (ZeRO-3, bf16, checkpointing every block)
+for c in 350m 1b; do
+  timeout 75 $PY benchmarks/train_throughput.py --config configs/$c.yaml --checkpointing every --steps 6 --warmup 2 \
+    --json "benchmarks/results/train_throughput_${c}_$DEV.json" 2>&1 | tee "benchmarks/results/train_throughput_${c}_$DEV.log" \
+    || status=1
+done
 ls -l benchmarks/results/
 exit $status

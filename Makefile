@@ -19,9 +19,11 @@ test: install
 	@mkdir -p $(CACHE)
 	$(PY) -m pytest -q tests
 
+# The embedded end-to-end demo (launch/demo.py: corpus -> tokenizer -> VAE -> MDS -> deepspeed
+# pretraining on 2 CPU processes -> held-out sampling and scoring); DEMO_ARGS=--quick shortens it.
 demo: install
 	@mkdir -p $(CACHE)
-	$(PY) launch/overfit_demo.py --config configs/tiny.yaml --output outputs/demo
+	$(PY) launch/demo.py --output outputs/demo $(DEMO_ARGS)
 	$(PY) -m mdm_dist.inspect configs/7b.yaml
 
 inspect: install

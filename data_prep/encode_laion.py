@@ -11,9 +11,9 @@ one *input shard*, the unit of parallelism and resumption.
 
 Per sample: decode; drop if the shorter side < --min-size; resize the shorter side to
 --image-size (default: the VAE's ``vae.image_size``) and centre-crop; clean the caption (drop if
-missing or empty, or under --min-caption-words); drop duplicate keys (within an input shard);
-tokenize (truncated to ``vae.max_text_len``); VAE-encode in batches of --batch-size with the
-checkpoint's frozen image encoder. Each kept sample becomes one MDS record
+missing or empty, or under --min-caption-words); drop duplicate keys (below); tokenize
+(truncated to ``vae.max_text_len``); VAE-encode in batches of --batch-size with the checkpoint's
+frozen image encoder. Each kept sample becomes one MDS record
 (mdm_dist/data/schema.py)::
 
     key         str      source key (img2dataset's KEY, a parquet key column or row, a file stem)
@@ -23,6 +23,20 @@ checkpoint's frozen image encoder. Each kept sample becomes one MDS record
     img_logvar  float16  (N, d_z) posterior log-variance
     category    int      the JSON metadata's integer "category", else --category (default 0)
     source      str      the input shard it came from
+
+Duplicate keys, across all inputs: the first occurrence of a source key owns it, in input order
+(the sorted, expanded --input list; within a shard, file order); every later copy, in the same
+or a later shard, is skipped as ``duplicate_key``, whichever worker encodes it and whether or
+not the first copy itself survives the other filters (which copy wins must not depend on
+decoding). Before encoding, a pre-pass lists every input's keys without decoding
+(``mdm_dist.data.raw.list_keys``: tar headers, a parquet ``key`` column, folder file names;
+parquet rows without a key column are keyed by position and never deduplicated) and hands
+each shard the few keys of its own that earlier inputs already hold. Cost: one header scan per
+local tar (512 B read per member; a remote or compressed tar is streamed through once), and in
+this process one set entry per distinct key (~100 B each: ~1 GB per 10M keys; split a corpus
+far larger than that into runs over disjoint key ranges). Finished shards are listed too, so a
+resumed run decides exactly as a clean one; a finished shard whose set of earlier duplicates
+no longer matches (inputs added before it) is encoded again.
 
 Output layout and resumption: input shard S is written as an MDS stream into
 ``OUTPUT/_tmp/<S-id>`` and renamed to ``OUTPUT/<S-id>/`` only when complete (with its
@@ -63,7 +77,8 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mdm_dist.data.raw import (  # noqa: E402
-    InputError, RawSample, Skip, clean_caption, decode_image, expand_inputs, iter_samples, to_tensor_range,
+    InputError, RawSample, Skip, clean_caption, decode_image, expand_inputs, iter_samples, list_keys,
+    to_tensor_range,
 )
 from mdm_dist.data.loader import prepare_streaming_env  # noqa: E402
 from mdm_dist.data.schema import COLUMNS  # noqa: E402
@@ -107,8 +122,9 @@ def init_worker(opts: dict) -> None:
 class ShardEncoder:
     """Filters, tokenizes and batches one input shard's samples into an MDSWriter."""
 
-    def __init__(self, writer, source: str, category: int):
+    def __init__(self, writer, source: str, category: int, earlier: dict[str, str] | None = None):
         self.writer, self.source, self.category = writer, source, category
+        self.earlier = earlier or {}  # key of this shard -> the earlier input that holds it
         self.opts, self.vae, self.cfg, self.tok = _STATE["opts"], _STATE["vae"], _STATE["cfg"], _STATE["tok"]
         self.seen, self.written, self.truncated = 0, 0, 0
         self.skipped: dict[str, int] = {}
@@ -125,11 +141,15 @@ class ShardEncoder:
     def add(self, s: RawSample) -> None:
         self.seen += 1
         o = self.opts
+        repeated = s.key in self.keys
+        self.keys.add(s.key)  # the first copy owns the key, good or bad (as list_keys sees it)
         try:
             if s.reason:
                 raise Skip(s.reason, s.detail)
-            if s.key in self.keys:
-                raise Skip("duplicate_key", "key already seen in this input shard")
+            if s.key in self.earlier:
+                raise Skip("duplicate_key", f"key already in earlier input {self.earlier[s.key]}")
+            if repeated:
+                raise Skip("duplicate_key", "key already earlier in this input shard")
             caption = clean_caption(s.caption)
             if len(caption.split()) < o["min_caption_words"]:
                 raise Skip("caption_too_short", f"{len(caption.split())} words < {o['min_caption_words']}")
@@ -137,7 +157,6 @@ class ShardEncoder:
         except Skip as e:
             self.skip(s, e.reason, e.detail)
             return
-        self.keys.add(s.key)
         ids = self.tok.encode(caption)
         if len(ids) > self.cfg.vae.max_text_len:
             self.truncated += 1
@@ -168,7 +187,7 @@ def encode_shard(job: tuple[str, str]) -> dict:
     """Encode input shard ``path`` into OUTPUT/_tmp/<sid>, then rename it to OUTPUT/<sid>."""
     from streaming import MDSWriter
 
-    path, sid = job
+    path, sid, earlier = job
     o = _STATE["opts"]
     out = Path(o["output"])
     tmp, final = out / TMP / sid, out / sid
@@ -177,7 +196,7 @@ def encode_shard(job: tuple[str, str]) -> dict:
     t0 = time.time()
     crash_after = int(os.environ.get(CRASH_ENV, "-1"))
     with MDSWriter(out=str(tmp), columns=COLUMNS, compression="zstd", size_limit=o["mds_shard_bytes"]) as w:
-        enc = ShardEncoder(w, path, o["category"])
+        enc = ShardEncoder(w, path, o["category"], earlier)
         kw = {"image_column": o["parquet_image_column"], "caption_column": o["parquet_caption_column"]} \
             if path.endswith(".parquet") else {}
         for s in iter_samples(path, **kw):
@@ -187,9 +206,12 @@ def encode_shard(job: tuple[str, str]) -> dict:
         enc.flush()
     report = {
         "source": path, "id": sid, "seen": enc.seen, "written": enc.written, "skipped": enc.skipped,
-        "captions_truncated": enc.truncated, "seconds": time.time() - t0, "skipped_samples": enc.skip_log,
+        "captions_truncated": enc.truncated, "dedup_digest": dedup_digest(earlier), "seconds": time.time() - t0,
+        "skipped_samples": enc.skip_log,
     }
     (tmp / REPORT_NAME).write_text(json.dumps(report, indent=1) + "\n")
+    if final.exists():  # a stale finished shard being redone (main() dropped it from index.json)
+        shutil.rmtree(final)
     os.replace(tmp, final)  # atomic on one filesystem: the shard is there complete or not at all
     return report
 
@@ -197,6 +219,29 @@ def encode_shard(job: tuple[str, str]) -> dict:
 # ----------------------------------------------------------------------------------------------
 # The run
 # ----------------------------------------------------------------------------------------------
+
+
+def earlier_duplicates(paths: list[str], workers: int) -> list[dict[str, str]]:
+    """For each input, in order: {key: earlier input holding it} for its keys that an earlier
+    input already listed (the pre-pass of the global duplicate-key filter; module docstring)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max(1, workers)) as ex:  # header reads: I/O bound
+        listings = list(tqdm(ex.map(list_keys, paths), total=len(paths), desc="list keys", unit="shard"))
+    owner: dict[str, int] = {}
+    out = []
+    for i, keys in enumerate(listings):
+        out.append({k: paths[owner[k]] for k in keys if k in owner})
+        for k in keys:
+            owner.setdefault(k, i)
+    return out
+
+
+def dedup_digest(earlier: dict[str, str]) -> str:
+    """A fingerprint of the keys a shard was told to skip: a finished shard is current only while
+    the inputs before it would tell it the same."""
+    return hashlib.sha1("\n".join(sorted(earlier)).encode()).hexdigest()[:16]
+
 
 
 def merge(out: Path, ids: list[str]) -> None:
@@ -288,9 +333,22 @@ def main(argv=None) -> int:
     sfile.write_text(json.dumps(settings, indent=2) + "\n")
     shutil.rmtree(out / TMP, ignore_errors=True)  # half-written shards of an interrupted run
 
-    jobs = [(p, shard_id(p)) for p in paths]
-    done = [(p, s) for p, s in jobs if (out / s / REPORT_NAME).is_file()]
-    todo = [(p, s) for p, s in jobs if not (out / s / REPORT_NAME).is_file()]
+    earlier = earlier_duplicates(paths, args.workers)
+    jobs = [(p, shard_id(p), e) for p, e in zip(paths, earlier)]
+    done, todo, stale = [], [], []
+    for job in jobs:
+        rfile = out / job[1] / REPORT_NAME
+        if not rfile.is_file():
+            todo.append(job)
+        elif json.loads(rfile.read_text()).get("dedup_digest", dedup_digest({})) != dedup_digest(job[2]):
+            stale.append(job)
+            todo.append(job)
+        else:
+            done.append(job)
+    if stale:
+        log.warning("re-encoding %d finished input shards whose duplicate keys changed (inputs added before "
+                    "them): %s", len(stale), ", ".join(p for p, _, _ in stale))
+        (out / "index.json").unlink(missing_ok=True)  # never an index over a shard being redone
     workers = min(args.workers, max(1, len(todo)))
     opts = {
         "vae": str(vae_path), "tokenizer": str(tok_dir), "device": args.device, "output": str(out),
@@ -326,7 +384,7 @@ def main(argv=None) -> int:
     elapsed = time.time() - t0
 
     shutil.rmtree(out / TMP, ignore_errors=True)
-    finished = [s for _, s in jobs if (out / s / REPORT_NAME).is_file()]
+    finished = [s for _, s, _ in jobs if (out / s / REPORT_NAME).is_file()]
     reports = [json.loads((out / s / REPORT_NAME).read_text()) for s in finished]
     merge(out, finished)
     report = summarize(reports)

@@ -21,7 +21,7 @@ What it does:
 4. writes OUTPUT/vae.pt (mdm_dist/data/vae_checkpoint.py: state_dict, resolved config, tokenizer
    path), OUTPUT/config.yaml, OUTPUT/vae_reconstructions.png (held-out originals over their
    reconstructions from the posterior mean) and OUTPUT/vae_metrics.json (held-out PSNR in dB,
-   token accuracy, losses, timings).
+   token accuracy, losses, timings; under several ranks each rank's parameter sum, checked equal).
 """
 
 from __future__ import annotations
@@ -195,12 +195,14 @@ def main(argv=None) -> int:
             history.append({"step": step, **{k: float(terms[k].detach()) for k in ("total", "rec_img", "rec_txt", "kl", "psnr", "token_acc")}})
             bar.set_postfix(psnr=f"{terms['psnr'].item():.1f}", acc=f"{terms['token_acc'].item():.2f}")
     timings["train_s"] = time.time() - t0
+    replica_sums = None
     if world > 1:  # DDP keeps replicas equal; check it cheaply before rank 0 saves its copy
         check = torch.stack([sum(p.detach().double().sum() for p in vae.parameters())])
         sums = [torch.zeros_like(check) for _ in range(world)]
         torch.distributed.all_gather(sums, check)
         if not all(torch.equal(s, sums[0]) for s in sums):
             raise RuntimeError(f"VAE replicas diverged across ranks: parameter sums {[float(s) for s in sums]}")
+        replica_sums = [float(s) for s in sums]
     timings["steps_per_s"] = t.max_steps / max(timings["train_s"], 1e-9)
 
     if rank == 0:
@@ -215,8 +217,8 @@ def main(argv=None) -> int:
         ckpt = save_vae_checkpoint(out / "vae.pt", vae, cfg, tok_dir, t.max_steps, metrics)
         dump_config(cfg, out / "config.yaml")
         report = {"metrics": metrics, "train_samples": len(train), "val_samples": n_val, "skipped": skipped,
-                  "world_size": world, "tokenizer": str(tok_dir.resolve()), "tokenizer_vocab": tok.vocab_size,
-                  "timings": timings, "history": history}
+                  "world_size": world, "replica_param_sums": replica_sums, "tokenizer": str(tok_dir.resolve()),
+                  "tokenizer_vocab": tok.vocab_size, "timings": timings, "history": history}
         (out / "vae_metrics.json").write_text(json.dumps(report, indent=2) + "\n")
         print(json.dumps({"metrics": metrics, "timings": timings}, indent=2))
         print(f"wrote {ckpt}, {out}/vae_reconstructions.png, {out}/vae_metrics.json")

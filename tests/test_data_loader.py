@@ -160,11 +160,17 @@ def test_two_ranks_split_or_replicate(streams, tmp_path, sp):
     for rank in range(2):
         env = dict(os.environ, RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-        procs.append(subprocess.Popen([sys.executable, "-c", _RANK_SCRIPT, str(tmp_path / "tmp"), streams[0], str(sp)],
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        # Files, not pipes: a rank blocked on a full pipe while the other waits for it in a
+        # collective would deadlock the pair.
+        out_f, err_f = open(tmp_path / f"out{rank}", "w+"), open(tmp_path / f"err{rank}", "w+")
+        procs.append((subprocess.Popen([sys.executable, "-c", _RANK_SCRIPT, str(tmp_path / "tmp"), streams[0], str(sp)],
+                                       env=env, stdout=out_f, stderr=err_f, text=True), out_f, err_f))
     outs = []
-    for p in procs:
-        out, err = p.communicate(timeout=90)
+    for p, out_f, err_f in procs:
+        p.wait(timeout=180)
+        out_f.seek(0), err_f.seek(0)
+        out, err = out_f.read(), err_f.read()
+        out_f.close(), err_f.close()
         assert p.returncode == 0, err[-2000:]
         outs.append(json.loads(out.strip().splitlines()[-1]))
     if sp == 1:

@@ -344,6 +344,61 @@ def test_two_workers_match_one(corpus, tmp_path):
         np.testing.assert_allclose(a[k]["img_mu"].astype(np.float32), b[k]["img_mu"].astype(np.float32), atol=2e-3)
 
 
+def _dup_shard(path: Path, tag: str, keys: list[str]) -> Path:
+    return _tar(path, [m for k in keys for m in ((f"{k}.png", _png()), (f"{k}.txt", f"{k} from {tag}".encode()))])
+
+
+def _dup_outcome(out: Path) -> tuple[dict, dict[str, str]]:
+    """(skip counts, {key: caption}) of an encode output; asserts no key is stored twice."""
+    report = json.loads((out / "encode_report.json").read_text())
+    index = json.loads((out / "index.json").read_text())
+    records = _read_mds(out)
+    assert sum(sh["samples"] for sh in index["shards"]) == len(records) == report["written"]
+    assert report["seen"] == report["written"] + sum(report["skipped"].values())
+    return report["skipped"], {k: r["caption"] for k, r in records.items()}
+
+
+def test_duplicate_keys_are_global_first_copy_wins(corpus, tmp_path):
+    """A key's first copy in input order owns it: later copies in the same or a later shard are
+    skipped as duplicate_key, the same with 1 or 2 workers and after a crash and resume."""
+    from mdm_dist.data.raw import list_keys
+
+    src = tmp_path / "in"
+    src.mkdir()
+    a = _dup_shard(src / "a.tar", "a", ["k1", "k2", "k3", "k2", "k4"])  # k2 twice, not adjacent
+    _dup_shard(src / "b.tar", "b", ["k3", "k5", "k1", "k6"])  # k3, k1 already in a.tar
+    assert list_keys(str(a)) == ["k1", "k2", "k3", "k4"]
+    want_skips = {"duplicate_key": 3}
+    want = {"k1": "k1 from a", "k2": "k2 from a", "k3": "k3 from a", "k4": "k4 from a", "k5": "k5 from b",
+            "k6": "k6 from b"}
+    cmd = [PY, str(ROOT / "data_prep/encode_laion.py"), "--input", str(src), "--vae", str(corpus / "vae.pt"),
+           "--tokenizer", str(corpus / "tok"), "--batch-size", "1"]
+
+    assert _run_encode(corpus, [src], tmp_path / "one", "--batch-size", "1") == 0
+    assert _dup_outcome(tmp_path / "one") == (want_skips, want)
+    two = subprocess.run(cmd + ["--output", str(tmp_path / "two"), "--workers", "2"], env=_env(),
+                         capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert _dup_outcome(tmp_path / "two") == (want_skips, want)
+    assert "key already in earlier input" in two.stderr and str(a) in two.stderr
+
+    # crash inside b.tar (a.tar finished), then resume: b.tar still skips a.tar's keys
+    res = tmp_path / "resumed"
+    crashed = subprocess.run(cmd + ["--output", str(res)], env=dict(_env(), MDM_ENCODE_CRASH_AFTER="1"),
+                             capture_output=True, text=True)
+    assert crashed.returncode == 17, crashed.stderr[-2000:]
+    assert _run_encode(corpus, [src], res, "--batch-size", "1") == 0
+    assert json.loads((res / "encode_report.json").read_text())["already_done"] == 1
+    assert _dup_outcome(res) == (want_skips, want)
+
+    # an input added *before* a finished shard takes its keys: that shard is encoded again
+    _dup_shard(src / "0.tar", "0", ["k4"])
+    assert _run_encode(corpus, [src], res, "--batch-size", "1") == 0
+    report = json.loads((res / "encode_report.json").read_text())
+    assert (report["encoded_now"], report["already_done"]) == (2, 1)  # 0.tar and a.tar; b.tar kept
+    assert _dup_outcome(res) == ({"duplicate_key": 4}, {**want, "k4": "k4 from 0"})
+
+
 @pytest.mark.parametrize("script", ["data_prep/make_demo_data.py", "data_prep/train_tokenizer.py",
                                     "data_prep/encode_laion.py", "launch/train_vae.py",
                                     "benchmarks/data_throughput.py"])

@@ -14,8 +14,9 @@ Three input kinds, each one *input shard* (the unit of parallelism and resumptio
 Readers never raise on bad content: they yield :class:`RawSample` objects, some carrying a skip
 ``reason`` already (``truncated_tar``, ``not_an_image``, ``missing_image``,
 ``unreadable_parquet_row``, ...). :func:`decode_sample` then decodes, filters and resizes, and
-raises :class:`Skip` with a reason for the rest. Paths with a ``scheme://`` are opened through
-fsspec.
+raises :class:`Skip` with a reason for the rest. :func:`list_keys` lists an input shard's keys
+without decoding (for duplicate detection across shards). Paths with a ``scheme://`` are opened
+through fsspec.
 """
 
 from __future__ import annotations
@@ -94,6 +95,24 @@ def iter_samples(path: str, **parquet_columns) -> Iterator[RawSample]:
     if kind == "parquet":
         return iter_parquet(path, **parquet_columns)
     return iter_folder(path)
+
+
+def list_keys(path: str) -> list[str]:
+    """The source keys of one input shard, in file order, without decoding anything: what the
+    global duplicate-key filter of ``data_prep/encode_laion.py`` runs over before encoding.
+
+    Cost: a tar's member *headers* only (512 B per member; a local file is read by seeking past
+    the data, a remote or compressed one has to be streamed through once); a parquet file's key
+    column only (none without one: rows keyed by position are never duplicates of each other);
+    a folder's file names. Keys that :func:`iter_samples` makes up for an unreadable file or a
+    cut-off tar end (``<end of tar>``, ``STEM/<file>``) are not listed. A cut-off tar lists the
+    keys whose headers were read."""
+    kind = input_kind(path)
+    if kind == "tar":
+        return _tar_keys(path)
+    if kind == "parquet":
+        return _parquet_keys(path)
+    return _folder_keys(path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -185,6 +204,21 @@ def iter_tar(path: str) -> Iterator[RawSample]:
         yield _finish(path, key, parts)
 
 
+def _tar_keys(path: str) -> list[str]:
+    keys: dict[str, None] = {}
+    try:
+        with open_binary(path) as raw:
+            # random access ("r:") skips member data by seeking; streams ("r|") must read through it
+            mode = "r|*" if is_remote(path) else "r:*"
+            with tarfile.open(fileobj=raw, mode=mode) as tf:
+                for m in tf:
+                    if m.isfile():
+                        keys.setdefault(_split_member(m.name)[0])
+    except (tarfile.TarError, EOFError, OSError, ValueError):
+        pass  # truncated: the keys before the break (the encoder counts the break itself)
+    return list(keys)
+
+
 # ----------------------------------------------------------------------------------------------
 # parquet
 # ----------------------------------------------------------------------------------------------
@@ -253,6 +287,25 @@ def iter_parquet(path: str, image_column: str | None = None, caption_column: str
         yield RawSample(path, f"{stem}/<file>", reason="unreadable_parquet_row", detail=f"{type(e).__name__}: {e}")
 
 
+def _parquet_keys(path: str, key_column: str = "key") -> list[str]:
+    try:
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(open_binary(path))
+        if key_column not in pf.schema_arrow.names:
+            return []
+        keys: dict[str, None] = {}
+        for gi in range(pf.num_row_groups):
+            try:
+                col = pf.read_row_group(gi, columns=[key_column]).column(0).to_pylist()
+            except Exception:
+                continue  # an unreadable row group: iter_parquet keys its rows by position
+            keys.update((str(k), None) for k in col if k is not None)
+        return list(keys)
+    except Exception:
+        return []  # not readable at all: iter_parquet reports it (or the missing pyarrow)
+
+
 # ----------------------------------------------------------------------------------------------
 # folder of images + captions
 # ----------------------------------------------------------------------------------------------
@@ -276,15 +329,22 @@ def _folder_captions(d: Path) -> dict[str, str]:
     return caps
 
 
+def _folder_files(d: Path) -> list[Path]:
+    """The files of a folder that are samples (sorted): not captions, metadata or caption lists."""
+    return sorted(p for p in d.iterdir() if p.is_file() and p.name not in CAPTIONS_FILES
+                  and p.suffix.lower().lstrip(".") not in CAPTION_EXTS + META_EXTS)
+
+
+def _folder_keys(path: str) -> list[str]:
+    return list(dict.fromkeys(p.stem for p in _folder_files(Path(path))))
+
+
 def iter_folder(path: str) -> Iterator[RawSample]:
     """Every file of a folder (sorted), captions from ``NAME.txt`` or the captions file."""
     d = Path(path)
     caps = _folder_captions(d)
-    files = sorted(p for p in d.iterdir() if p.is_file() and p.name not in CAPTIONS_FILES)
-    for p in files:
+    for p in _folder_files(d):
         ext = p.suffix.lower().lstrip(".")
-        if ext in CAPTION_EXTS + META_EXTS:
-            continue
         s = RawSample(source=str(p), key=p.stem)
         s.caption = caps.get(p.name, caps.get(p.stem))
         side = p.with_suffix(".txt")

@@ -21,6 +21,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from kernels._checks import check_order_args
+
 from kernels.conv1d.gathered import causal_conv1d_gathered
 from kernels.conv1d.reference import causal_conv1d_reference
 
@@ -158,14 +160,4 @@ def _check_inputs(x, weight, bias, seq_idx, scan_order, who: str) -> None:
     for name, t, shape in (("bias", bias, (c,)), ("seq_idx", seq_idx, (b, l)), ("scan_order", scan_order, (l,))):
         if t is not None and tuple(t.shape) != shape:
             raise ValueError(f"{who}: {name} must have shape {shape}, got {tuple(t.shape)}")
-    for name, t in (("seq_idx", seq_idx), ("scan_order", scan_order)):
-        if t is not None and (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool):
-            raise ValueError(f"{who}: {name} must be an integer tensor, got dtype {t.dtype}")
-    if scan_order is not None:
-        if scan_order.dtype != torch.long:
-            raise ValueError(f"{who}: scan_order must be a LongTensor (torch.long), got {scan_order.dtype}")
-        # Checking the permutation costs a sort; skip it on accelerators to avoid a host sync.
-        if scan_order.device.type == "cpu" and not torch.equal(
-            scan_order.sort().values, torch.arange(l, device=scan_order.device)
-        ):
-            raise ValueError(f"{who}: scan_order must be a permutation of 0..{l - 1}")
+    check_order_args(who, l, seq_idx, scan_order)

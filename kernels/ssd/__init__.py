@@ -21,6 +21,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from kernels._checks import check_order_args
+
 from kernels.ssd.chunked import ssd_scan_chunked
 from kernels.ssd.reference import ssd_scan_reference
 
@@ -247,16 +249,6 @@ def _check_inputs(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, scan_o
             raise _shape_error(name, f"{desc} = {shape}", t)
     if D is not None and tuple(D.shape) not in ((h,), (h, p)):
         raise _shape_error("D", f"(nheads,) = {(h,)} or (nheads, headdim) = {(h, p)}", D)
-    for name, t in (("seq_idx", seq_idx), ("scan_order", scan_order)):
-        if t is not None and (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool):
-            raise ValueError(f"ssd_scan: {name} must be an integer tensor, got dtype {t.dtype}")
-    if scan_order is not None:
-        if scan_order.dtype != torch.long:
-            raise ValueError(f"ssd_scan: scan_order must be a LongTensor (torch.long), got {scan_order.dtype}")
-        # Checking the permutation costs a sort; skip it on accelerators to avoid a host sync.
-        if scan_order.device.type == "cpu" and not torch.equal(
-            scan_order.sort().values, torch.arange(l, device=scan_order.device)
-        ):
-            raise ValueError(f"ssd_scan: scan_order must be a permutation of 0..{l - 1}")
+    check_order_args("ssd_scan", l, seq_idx, scan_order)
     if not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ValueError(f"ssd_scan: chunk_size must be a positive int, got {chunk_size!r}")

@@ -141,7 +141,12 @@ class TrainConfig:
     save_every: int = 500
     sample_every: int = 1000
     max_bad_steps: int = 5
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bfloat16 on GPU, float32 on CPU
+    # How bfloat16 is applied: "autocast" keeps fp32 weights (A_log / D / dt_bias stay fp32 on
+    # every path) and runs matmuls and convs in bf16 under torch.autocast, with bf16 parameter
+    # communication for Linear / Conv weights; "bf16_weights" stores bf16 working copies of every
+    # parameter (DeepSpeed's bf16 mode; fp32 master copies live in the optimizer).
+    mixed_precision: Literal["autocast", "bf16_weights"] = "autocast"
 
 
 @dataclass

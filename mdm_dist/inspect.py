@@ -11,8 +11,9 @@ Everything is measured on the meta device from the real modules, not from a form
 - activations: bytes of the tensors autograd saves during one block's forward (a
   ``saved_tensors_hooks`` pack hook), times the block count; with activation checkpointing only
   each block's input is kept, plus one block's activations during its recomputation.
-Model states under ZeRO-3: bf16 parameters and gradients + fp32 master weights and the two Adam
-moments = 16 bytes per parameter (plus 4 for the fp32 EMA), divided over the GPUs.
+Model states under ZeRO-3: 16 bytes per parameter either way bf16 is applied (``autocast``: fp32
+parameters and gradients + two fp32 Adam moments; ``bf16_weights``: bf16 parameters and
+gradients + fp32 master weights + two moments), plus 4 for the fp32 EMA, divided over the GPUs.
 
 The last line of the output is ``total_params=<integer>``.
 """

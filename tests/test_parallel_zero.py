@@ -143,3 +143,46 @@ def test_deepspeed_config_generated_and_overridden(tmp_path):
         deepspeed_config(load_config(None, TINY), 4 * 2)  # 4 / (2 * 8) is not whole
     with pytest.raises(ConfigError, match="no such file"):
         deepspeed_config(load_config(None, TINY + ["parallel.deepspeed_config=/nonexistent.json"]), 2)
+
+
+def _autocast_worker(rank, world):
+    import deepspeed
+
+    from mdm_dist.parallel.groups import build_groups
+    from mdm_dist.parallel.zero import build_model_zero
+
+    cfg = load_config(None, TINY + ["train.dtype=bfloat16", "train.mixed_precision=autocast"])
+    batch = _batch(cfg)
+    ref = _reference_losses(load_config(None, TINY), batch, STEPS)
+    groups = build_groups(1)
+    ds = deepspeed_config(cfg, world)
+    assert ds["torch_autocast"]["enabled"] and not ds["bf16"]["enabled"]
+    torch.manual_seed(0)
+    mdm = build_model_zero(cfg, ds)
+    model = LossModel(mdm)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=LR), config=ds)
+    seen = {}
+    mixer = mdm.backbone.layers[0].mixers[0]
+    mixer.in_proj.register_forward_hook(lambda m, i, o: seen.__setitem__("in_proj", o.dtype))  # returns None
+    # Every parameter is stored fp32 (the SSM ones included); Linear weights travel in bf16.
+    assert all(p.ds_tensor.dtype == torch.float32 for p in mdm.parameters())
+    assert getattr(mixer.in_proj.weight, "comm_dtype", None) == torch.bfloat16
+    assert not hasattr(mixer.A_log, "comm_dtype")
+    micro = cfg.train.micro_batch_size
+    local = [x[groups.dp_rank * micro: (groups.dp_rank + 1) * micro] for x in batch]
+    losses = []
+    for _ in range(STEPS):
+        loss = engine(*local)
+        engine.backward(loss)
+        engine.step()
+        dist.all_reduce(loss := loss.detach().float().clone())
+        losses.append(loss.item() / world)
+    assert seen["in_proj"] == torch.bfloat16  # the matmuls ran in bf16
+    assert all(p.ds_tensor.dtype == torch.float32 for p in mdm.parameters())
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref), rtol=5e-2, atol=1e-2)
+
+
+def test_zero3_bf16_autocast_keeps_fp32_parameters_and_tracks_fp32_losses():
+    """train.mixed_precision=autocast (the default for bf16): fp32 parameters in ZeRO-3's
+    partitions (A_log / D / dt_bias included), bf16 matmuls, losses within bf16 error of fp32."""
+    spawn(_autocast_worker)

@@ -23,11 +23,13 @@
     parameters for the whole of its forward (and again for its backward), so they need nothing;
     ``tests/test_parallel_zero.py`` checks this with persistence disabled
     (``stage3_param_persistence_threshold: 0``) so that no parameter is kept gathered by size.
-* A_log, D and dt_bias: on CPU the model is float32, so they are too. With bf16 (GPU),
-  ``zero.Init(dtype=bfloat16)`` stores every parameter, these included, as bf16 in ZeRO-3's flat
-  partitions, and DeepSpeed's optimizer keeps fp32 master copies of all of them; the mixer computes
-  ``exp(A_log)`` in fp32. Keeping the bf16 *working* copies of these three in fp32 needs ZeRO-3
-  to hold partitions of two dtypes, which is not done here (see the report of issue 5).
+* A_log, D and dt_bias stay float32. bf16 training has two modes (``train.mixed_precision``):
+  ``autocast`` (default) keeps every parameter in fp32 in ZeRO-3's partitions and runs the
+  forward under ``torch.autocast(bfloat16)`` (DeepSpeed's ``torch_autocast`` section), so matmuls
+  and convs run in bf16 while the SSM parameters and the scan's decay exponents stay fp32; the
+  Linear / Conv weights are all-gathered and reduce-scattered in bf16 (their ``comm_dtype``).
+  ``bf16_weights`` is DeepSpeed's bf16 mode: ``zero.Init(dtype=bfloat16)`` stores bf16 working
+  copies of every parameter, these three included (fp32 master copies in the optimizer).
 """
 
 from __future__ import annotations
@@ -65,11 +67,16 @@ def _merge(base: dict, over: dict) -> dict:
 
 
 def use_bf16(cfg: Config, device_type: str) -> bool:
-    """bf16 on GPU (``train.dtype`` auto or bfloat16), fp32 on CPU or with ``train.dtype: float32``."""
+    """bf16 on GPU (``train.dtype`` auto or bfloat16), fp32 on CPU or with ``train.dtype: float32``.
+    On CPU, ``train.dtype: bfloat16`` is accepted with ``train.mixed_precision: autocast`` (CPU
+    autocast supports bf16; slow, for tests of the mixed-precision path)."""
     if cfg.train.dtype == "float32":
         return False
     if cfg.train.dtype == "bfloat16" and device_type == "cpu":
-        raise ConfigError("'train.dtype' = bfloat16 needs a GPU; use auto or float32 on CPU")
+        if cfg.train.mixed_precision != "autocast":
+            raise ConfigError("'train.dtype' = bfloat16 with 'train.mixed_precision' = bf16_weights needs a GPU; "
+                              "use train.mixed_precision=autocast, or train.dtype auto / float32 on CPU")
+        return True
     return device_type != "cpu"
 
 
@@ -104,7 +111,8 @@ def deepspeed_config(cfg: Config, world_size: int, device_type: str = "cpu") -> 
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": gas,
         "gradient_clipping": t.grad_clip,
-        "bf16": {"enabled": bf16},
+        "bf16": {"enabled": bf16 and t.mixed_precision == "bf16_weights"},
+        "torch_autocast": {"enabled": bf16 and t.mixed_precision == "autocast", "dtype": "bfloat16"},
         "fp16": {"enabled": False},
         "zero_optimization": {
             "stage": p.zero_stage,

@@ -4,9 +4,10 @@ Under ZeRO-3 a rank holds, for every parameter, only its partition ``p.ds_tensor
 of ``ceil(numel / world)`` elements, zero-padded on the last rank); ``p.data`` is empty unless the
 parameter is gathered. The EMA therefore keeps one fp32 tensor per parameter shaped like the
 local partition and updates it from ``p.ds_tensor`` after each applied optimizer step: no
-gathering, 4 bytes per parameter / world of memory. (On GPU ``ds_tensor`` is the bf16 working
-copy of DeepSpeed's fp32 master partition; the EMA accumulates in fp32, so the rounding averages
-out.) Without ZeRO-3 (stages 0-2) every rank holds full parameters and the EMA is the full fp32
+gathering, 4 bytes per parameter / world of memory. (With ``train.mixed_precision: autocast``,
+the default for bf16, ``ds_tensor`` is the fp32 parameter itself; with ``bf16_weights`` it is the
+bf16 working copy of DeepSpeed's fp32 master partition, and the EMA, accumulating in fp32,
+averages that rounding out.) Without ZeRO-3 (stages 0-2) every rank holds full parameters and the EMA is the full fp32
 copy. Every parameter is tracked, frozen ones included: nothing is left out silently.
 
 ``state_dict`` is this rank's shards (saved per rank in the checkpoint); :func:`gather_full`

@@ -131,8 +131,15 @@ def test_deepspeed_config_generated_and_overridden(tmp_path):
     ds = deepspeed_config(cfg, world_size=8, device_type="cuda")
     # dp = 8 / 2 = 4: accumulation 32 / (4 * 4) = 2; DeepSpeed's world counts every rank
     assert ds["gradient_accumulation_steps"] == 2 and ds["train_batch_size"] == 4 * 2 * 8
-    assert ds["bf16"]["enabled"] and ds["zero_optimization"]["stage"] == 3 and ds["gradient_clipping"] == 100.0
-    assert not deepspeed_config(cfg, 8, "cpu")["bf16"]["enabled"]
+    assert ds["zero_optimization"]["stage"] == 3 and ds["gradient_clipping"] == 100.0
+    # bf16 on GPU: through torch.autocast by default, DeepSpeed's bf16 weights on request; fp32 on CPU
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and not ds["bf16"]["enabled"]
+    ds_w = deepspeed_config(load_config(None, TINY + ["train.mixed_precision=bf16_weights"]), 2, "cuda")
+    assert ds_w["bf16"]["enabled"] and not ds_w["torch_autocast"]["enabled"]
+    cpu = deepspeed_config(cfg, 8, "cpu")
+    assert not cpu["bf16"]["enabled"] and not cpu["torch_autocast"]["enabled"]
+    with pytest.raises(ConfigError, match="bf16_weights needs a GPU"):
+        deepspeed_config(load_config(None, TINY + ["train.dtype=bfloat16", "train.mixed_precision=bf16_weights"]), 2)
     user = tmp_path / "ds.json"
     user.write_text(json.dumps({"zero_optimization": {"stage3_prefetch_bucket_size": 7}, "steps_per_print": 5}))
     cfg2 = load_config(None, TINY + [f"parallel.deepspeed_config={user}"])

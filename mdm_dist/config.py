@@ -141,6 +141,10 @@ class TrainConfig:
     save_every: int = 500
     sample_every: int = 1000
     max_bad_steps: int = 5
+    # vae.pt of launch/train_vae.py: the MDM's UnifiedVAE starts from it (its vae section must
+    # equal this config's); empty = a randomly initialized VAE (smoke tests only: the stored image
+    # latents then come from a different VAE than the one pretraining decodes with).
+    vae_checkpoint: str = ""
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bfloat16 on GPU, float32 on CPU
     # How bfloat16 is applied: "autocast" keeps fp32 weights (A_log / D / dt_bias stay fp32 on
     # every path) and runs matmuls and convs in bf16 under torch.autocast, with bf16 parameter

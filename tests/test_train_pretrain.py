@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -297,3 +298,37 @@ def test_sigterm_to_one_of_two_ranks_stops_both_at_the_same_step(work):
     assert tag == f"step_{k:08d}" and k < steps
     run_pretrain(tmp, run, work["data"], args, ranks=2, resume="auto")
     assert sorted(losses(run)) == list(range(1, steps + 1))
+
+
+def test_vae_stage_checkpoint_initializes_and_image_path_stays_frozen(work):
+    """train.vae_checkpoint: the MDM's VAE starts from the VAE stage's weights (also partitioned
+    under ZeRO-3 on 2 ranks); the image path and the shared trunk stay exactly those weights,
+    the text stems train; a checkpoint of another vae section is refused with exit 2."""
+    from safetensors.torch import load_file
+
+    from mdm_dist.config import load_config
+    from mdm_dist.data.vae_checkpoint import save_vae_checkpoint
+    from mdm_dist.models.vae import UnifiedVAE
+
+    tmp = work["tmp"]
+    cfg = load_config(REPO / "configs" / "tiny.yaml", TINY)
+    torch.manual_seed(123)
+    stage = UnifiedVAE(cfg.vae)
+    ckpt = save_vae_checkpoint(tmp / "stage_vae.pt", stage, cfg, tmp, step=1)
+    run = tmp / "vae_init"
+    run_pretrain(tmp, run, work["data"], ["train.max_steps=3", f"train.vae_checkpoint={ckpt}"], ranks=2)
+    exported = load_file(str(run / "export" / "model.safetensors"))
+    frozen = ("image_encoder.", "image_in.", "image_out.", "image_decoder.", "trunk_enc.", "trunk_dec.", "modality_emb")
+    moved = []
+    for name, value in stage.state_dict().items():
+        got = exported[f"vae.{name}"]
+        if name.startswith(frozen):
+            assert torch.equal(got, value), f"vae.{name} changed but is frozen in pretraining"
+        elif not torch.equal(got, value):
+            moved.append(name)
+    assert {n.split(".")[0] for n in moved} == {"tok_emb", "pos_emb", "text_head"}
+    other = load_config(REPO / "configs" / "tiny.yaml", TINY + ["vae.beta_kl=0.5"])
+    bad = save_vae_checkpoint(tmp / "other_vae.pt", UnifiedVAE(other.vae), other, tmp, step=1)
+    p = run_pretrain(tmp, tmp / "vae_bad", work["data"], ["train.max_steps=1", f"train.vae_checkpoint={bad}"],
+                     expect=2)
+    assert "differs in: vae.beta_kl" in p.stderr

@@ -421,6 +421,23 @@ class UnifiedVAE(nn.Module):
             for p in module.parameters():
                 p.requires_grad_(False)
 
+    def freeze_for_pretraining(self) -> None:
+        """Freeze everything but the text stems: the image encoder and decoder, the shared trunk
+        (encoder and decoder) and the modality embedding.
+
+        Why the shared trunk too: pretraining reads image latents stored by the VAE stage's
+        encoder and has no pixels, so the image side has no reconstruction target. A trunk that
+        kept learning from the text terms alone would move the shared latent space away from the
+        stored image latents and from what the image decoder expects, and generated images would
+        decode through a drifted trunk. With the trunk fixed, the latent space is the VAE stage's
+        for both modalities; the text stems (token and position embeddings, vocabulary head) stay
+        trainable, so the text reconstruction and KL terms remain part of the pretraining loss."""
+        for module in (self.image_encoder, self.image_in, self.image_out, self.image_decoder,
+                       self.trunk_enc, self.trunk_dec):
+            for p in module.parameters():
+                p.requires_grad_(False)
+        self.modality_emb.requires_grad_(False)
+
     def image_encoder_parameters(self) -> list[nn.Parameter]:
         """The parameters :meth:`freeze_image_encoder` freezes."""
         return [*self.image_encoder.parameters(), *self.image_in.parameters()]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import math
+import warnings
 import os
 import socket
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mdm_dist.config import Config
+from mdm_dist.config import Config, ConfigError
 from mdm_dist.diffusion import mdm_loss
 from mdm_dist.train.noise import SampleNoise, per_sample_noise
 
@@ -97,6 +98,28 @@ class Training:
     num_image_tokens: int
 
 
+def load_pretrained_vae(mdm: nn.Module, path: str, cfg: Config) -> None:
+    """Copy the VAE stage's weights (``launch/train_vae.py``'s vae.pt) into ``mdm.vae``, also when
+    ZeRO-3 has partitioned it (each parameter gathered, written, re-partitioned)."""
+    import deepspeed
+
+    from mdm_dist.data.vae_checkpoint import load_vae_checkpoint
+
+    try:
+        stage_vae, stage_cfg, _ = load_vae_checkpoint(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"'train.vae_checkpoint' = {path!r}: {e}") from e
+    if stage_cfg.vae != cfg.vae:
+        diff = [k for k in stage_cfg.vae.__dataclass_fields__ if getattr(stage_cfg.vae, k) != getattr(cfg.vae, k)]
+        raise ConfigError(f"'train.vae_checkpoint' = {path!r} was trained with a different vae section "
+                          f"(differs in: {', '.join('vae.' + k for k in diff)}); use the matching VAE config")
+    state = stage_vae.state_dict()
+    for name, p in mdm.vae.named_parameters():
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=hasattr(p, "ds_id")):
+            with torch.no_grad():
+                p.data.copy_(state[name].to(p.dtype))
+
+
 def build_training(cfg: Config, device: torch.device) -> Training:
     """Groups, model (partitioned under ZeRO-3), checkpointing, SP, and the DeepSpeed engine."""
     import deepspeed
@@ -112,6 +135,12 @@ def build_training(cfg: Config, device: torch.device) -> Training:
     ds = deepspeed_config(cfg, world, device.type)
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank and every layout
     mdm = build_model_zero(cfg, ds, device)
+    if cfg.train.vae_checkpoint:
+        load_pretrained_vae(mdm, cfg.train.vae_checkpoint, cfg)
+    elif dist.get_rank() == 0:
+        warnings.warn("train.vae_checkpoint is empty: pretraining starts from a random UnifiedVAE, not the "
+                      "VAE that encoded the stored image latents (fine for smoke tests only)", stacklevel=2)
+    mdm.vae.freeze_for_pretraining()
     seq_len = mdm.backbone.layout.length
     check_model_layout(cfg.model, seq_len, world, cfg.parallel.sequence_parallel)
     apply_activation_checkpointing(mdm, cfg.train.activation_checkpointing, cfg.train.checkpoint_every_k)

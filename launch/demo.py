@@ -1,0 +1,306 @@
+"""The embedded end-to-end demo: from nothing to generated images and captions on a laptop CPU.
+
+    python launch/demo.py [--output outputs/demo] [--quick] [--print-commands] [--force STAGE ...]
+        [--num-samples N] [--vae-steps N] [--steps N] [--num-eval N] [--sample-steps N] [--guidance W]
+
+Stages, each one command of the repo (``--print-commands`` prints them all and runs nothing, so a
+user can run them by hand, one by one):
+
+1. ``corpus``    data_prep/make_demo_data.py: captioned coloured shapes (webdataset tars) and a
+                 held-out set with its ground truth (eval.jsonl)
+2. ``tokenizer`` data_prep/train_tokenizer.py: the SentencePiece caption tokenizer
+3. ``vae``       launch/train_vae.py --config configs/vae_tiny.yaml: the UnifiedVAE stage
+4. ``encode``    data_prep/encode_laion.py: the corpus as MDS shards of image-latent moments + ids
+5. ``pretrain``  deepspeed --num_accelerators 2 launch/pretrain.py --config configs/tiny.yaml:
+                 2 CPU processes, ZeRO-3, sequence parallelism 2 (OMP_NUM_THREADS=1 each), the
+                 UnifiedVAE started from stage 3 (``train.vae_checkpoint``)
+6. ``evaluate``  python -m mdm_dist.eval.heldout: text-to-image for held-out captions and captions
+                 for held-out images, scored against the corpus's ground truth (mdm_dist/eval)
+7. ``report``    (in this script) loss curves from metrics.jsonl and demo_report.json
+
+A stage whose output exists is skipped (``--force STAGE`` reruns it and every later stage); the
+pretraining stage resumes from its last checkpoint if it was interrupted. Every stage's output
+streams to the console. The output folder receives, beside the stage folders:
+``text_to_image.png``, ``image_to_text.png``, ``vae_reconstructions.png``, ``captions.json``/``.md``,
+``loss_curves.png`` and ``demo_report.json`` (stage timings, quality figures, targets, met or not).
+
+``--quick`` is a shortened run (small corpus, few steps: minutes, for CI); its quality figures
+mean nothing. The defaults are the full demo (about 14 minutes on 2 shared cores); the training lengths
+live in configs/tiny.yaml and configs/vae_tiny.yaml, the corpus size and sampling here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+PY = sys.executable
+STAGES = ("corpus", "tokenizer", "vae", "encode", "pretrain", "evaluate", "report")
+TARGETS = {"text_to_image": 0.80, "captioning": 0.80, "total_wall_s": 20 * 60}
+# One OpenMP thread per process in every stage: on 2 shared cores, spinning OpenMP threads made
+# the VAE stage ~5x slower with 2 threads than with 1; pretraining runs 2 processes anyway.
+ONE = {"OMP_NUM_THREADS": "1"}
+QUICK = {"num_samples": 256, "num_eval": 16, "vae_steps": 8, "steps": 6, "sample_steps": 4}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog=__doc__.split("\n\n", 1)[1])
+    ap.add_argument("--output", default="outputs/demo", help="output folder (default outputs/demo)")
+    ap.add_argument("--quick", action="store_true", help=f"shortened run for CI: {QUICK}")
+    ap.add_argument("--print-commands", action="store_true", help="print every stage's command and exit")
+    ap.add_argument("--force", nargs="+", default=[], choices=STAGES, metavar="STAGE",
+                    help="rerun these stages (and every later one) even if their outputs exist")
+    ap.add_argument("--num-samples", type=int, default=None, help="training images in the corpus (default 4000)")
+    ap.add_argument("--num-eval", type=int, default=None, help="held-out prompts and images scored (default 100)")
+    ap.add_argument("--vae-steps", type=int, default=None, help="VAE steps (default: configs/vae_tiny.yaml)")
+    ap.add_argument("--steps", type=int, default=None, help="MDM pretraining steps (default: configs/tiny.yaml)")
+    ap.add_argument("--sample-steps", type=int, default=None, help="sampler steps (default: configs/tiny.yaml)")
+    ap.add_argument("--guidance", type=float, default=None, help="CFG scale (default: configs/tiny.yaml)")
+    ap.add_argument("--weights", choices=("raw", "ema"), default="raw", help="which exported weights sample (default raw)")
+    ap.add_argument("--scan-mode", choices=("cycle", "multi"), default="cycle",
+                    help="model.scan_mode for pretraining (default cycle: block i scans direction i mod 4, "
+                         "DiM's layout, ~3x the samples/s of the paper's multi on 2 CPU cores)")
+    ap.add_argument("--config", default="configs/tiny.yaml")
+    ap.add_argument("--vae-config", default="configs/vae_tiny.yaml")
+    ap.add_argument("--nproc", type=int, default=2, help="pretraining processes (default 2 = sequence parallel 2)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    defaults = {"num_samples": 4000, "num_eval": 100}
+    for key in ("num_samples", "num_eval", "vae_steps", "steps", "sample_steps"):
+        if getattr(args, key) is None:
+            setattr(args, key, QUICK[key] if args.quick else defaults.get(key))
+        if getattr(args, key) is not None and getattr(args, key) <= 0:
+            ap.error(f"--{key.replace('_', '-')} must be > 0")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
+# Stages: (name, the file whose existence means done, the command, extra environment)
+# ----------------------------------------------------------------------------------------------
+
+
+def stage_commands(args, out: Path) -> list[tuple[str, Path, list[str] | None, dict]]:
+    corpus, tok, vae, mds, run = out / "corpus", out / "tokenizer", out / "vae", out / "mds", out / "run"
+    quick_sets = (["--set", "train.save_every=0", "--set", "train.log_every=1"] if args.quick else [])
+    vae_sets = ["--set", f"train.max_steps={args.vae_steps}"] if args.vae_steps else []
+    mdm_sets = ["--set", f"train.max_steps={args.steps}"] if args.steps else []
+    sample_flags = (["--steps", str(args.sample_steps)] if args.sample_steps else []) + \
+                   (["--guidance", str(args.guidance)] if args.guidance is not None else [])
+    if args.nproc > 1:  # a free port: two demos (or a demo and a test) may run side by side
+        launcher = [str(Path(PY).parent / "deepspeed"), "--num_accelerators", str(args.nproc),
+                    "--master_port", str(free_port())]
+    else:
+        launcher = [PY]
+    return [
+        ("corpus", corpus / "manifest.json",
+         [PY, "data_prep/make_demo_data.py", "--output", str(corpus), "--num-samples", str(args.num_samples),
+          "--num-eval", str(args.num_eval), "--seed", str(args.seed)], ONE),
+        ("tokenizer", tok / "tokenizer.model",
+         [PY, "data_prep/train_tokenizer.py", "--input", str(corpus), "--output", str(tok)], ONE),
+        ("vae", vae / "vae.pt",
+         [PY, "launch/train_vae.py", "--config", args.vae_config, "--data", str(corpus), "--output", str(vae),
+          "--tokenizer", str(tok), *vae_sets], ONE),
+        ("encode", mds / "index.json",
+         [PY, "data_prep/encode_laion.py", "--input", str(corpus), "--output", str(mds), "--vae",
+          str(vae / "vae.pt"), "--tokenizer", str(tok)], ONE),
+        ("pretrain", run / "export" / "model.safetensors",
+         [*launcher, "launch/pretrain.py", "--config", args.config, "--data", str(mds), "--run-dir", str(run),
+          "--resume", "auto", "--set", f"parallel.sequence_parallel={args.nproc}",
+          "--set", f"data.tokenizer={tok.resolve()}",
+          "--set", f"train.vae_checkpoint={(vae / 'vae.pt').resolve()}",
+          "--set", f"train.seed={args.seed}", "--set", "train.sample_every=0",
+          "--set", f"model.scan_mode={args.scan_mode}", *mdm_sets, *quick_sets],
+         ONE),
+        ("evaluate", out / "quality.json",
+         [PY, "-m", "mdm_dist.eval.heldout", "--export", str(run / "export"), "--vae", str(vae / "vae.pt"),
+          "--tokenizer", str(tok), "--corpus", str(corpus), "--out", str(out), "--num", str(args.num_eval),
+          "--weights", args.weights, "--seed", str(args.seed), *sample_flags], ONE),
+        ("report", out / "demo_report.json", None, {}),
+    ]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def clear(done: Path, out: Path) -> None:
+    """Remove a stage's previous output: its folder (a stage folder under ``out``) or its file."""
+    if done.parent != out:
+        stage_dir = out / done.relative_to(out).parts[0]
+        shutil.rmtree(stage_dir, ignore_errors=True)
+    else:
+        done.unlink(missing_ok=True)
+
+
+def shell_line(cmd: list[str], env: dict) -> str:
+    return " ".join([f"{k}={v}" for k, v in env.items()] + [shlex.quote(c) for c in cmd])
+
+
+def run_stage(name: str, cmd: list[str], env: dict, log: Path) -> None:
+    """Run one stage's command with its output on the console and in ``log``; fail loudly."""
+    full_env = {**os.environ, **env}
+    full_env.setdefault("DS_ACCELERATOR", "cpu")
+    full_env.setdefault("PYTHONUNBUFFERED", "1")
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, bufsize=1)
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            f.write(line)
+        code = proc.wait()
+    if code != 0:
+        raise SystemExit(f"demo: stage '{name}' failed (exit {code}); its output is in {log}. "
+                         f"Rerun it alone with:\n  {shell_line(cmd, env)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def loss_history(records: list[dict]) -> dict[str, list[float]]:
+    """Every loss term of metrics.jsonl over steps (``loss`` = total); absent terms left out.
+    A step where a term is null (non-finite) repeats the previous value so the curve stays drawn."""
+    keys = ["loss", "se_txt", "se_img", "rec_txt", "rec_img", "kl"]
+    hist: dict[str, list[float]] = {}
+    for k in keys:
+        vals, last = [], None
+        for r in records:
+            v = r.get(k)
+            last = float(v) if v is not None else last
+            if last is not None:
+                vals.append(last)
+        if vals:
+            hist["total" if k == "loss" else k] = vals
+    return hist
+
+
+def write_report(args, out: Path, timings: dict) -> dict:
+    from mdm_dist.viz import loss_curves
+
+    run = out / "run"
+    metrics = read_metrics(run / "metrics.jsonl")
+    hist = loss_history(metrics)
+    if hist:
+        loss_curves(hist, out / "loss_curves.png", smooth=max(1, min(10, len(metrics) // 5)))
+    if (out / "vae" / "vae_reconstructions.png").is_file():
+        shutil.copyfile(out / "vae" / "vae_reconstructions.png", out / "vae_reconstructions.png")
+    quality = json.loads((out / "quality.json").read_text())
+    vae_metrics = json.loads((out / "vae" / "vae_metrics.json").read_text())
+    encode = json.loads((out / "mds" / "encode_report.json").read_text()) if (out / "mds" / "encode_report.json").is_file() else {}
+    total = sum(t["seconds"] for t in timings.values())
+    steps = [r for r in metrics if r.get("step_time_s") is not None]
+    report = {
+        "command": "python launch/demo.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+        "quick": args.quick,
+        "stage_timings_s": {k: round(v["seconds"], 2) for k, v in timings.items()},
+        "stages": timings,
+        "total_wall_s": round(total, 2),
+        "quality": {k: quality[k] for k in ("text_to_image", "captioning", "text_to_image_colour",
+                                            "text_to_image_shape", "captioning_colour", "captioning_exact",
+                                            "classifier_on_real", "classifier_on_vae_reconstructions",
+                                            "num_prompts", "spec_seen_in_train")},
+        "sampling": {k: quality.get(k) for k in ("sampler", "sample_steps", "guidance_scale", "weights", "timings")},
+        "targets": TARGETS,
+        "met": {
+            "text_to_image": quality["text_to_image"] >= TARGETS["text_to_image"],
+            "captioning": quality["captioning"] >= TARGETS["captioning"],
+            "total_wall_s": total <= TARGETS["total_wall_s"],
+        },
+        "vae": {k: vae_metrics["metrics"].get(k) for k in ("psnr", "token_acc", "caption_token_acc")},
+        "encode": {k: encode.get(k) for k in ("seen", "written", "skipped")},
+        "pretrain": {
+            "steps": len(metrics),
+            "first_loss": metrics[0].get("loss") if metrics else None,
+            "last_loss": metrics[-1].get("loss") if metrics else None,
+            "mean_step_time_s": sum(r["step_time_s"] for r in steps) / len(steps) if steps else None,
+            "mean_samples_per_s": sum(r["samples_per_s"] for r in steps) / len(steps) if steps else None,
+            "skipped_steps": sum(bool(r.get("skipped")) for r in metrics),
+            "processes": args.nproc,
+        },
+        "artifacts": [p for p in ("text_to_image.png", "image_to_text.png", "vae_reconstructions.png",
+                                  "captions.json", "captions.md", "loss_curves.png", "demo_report.json")
+                      if p == "demo_report.json" or (out / p).is_file()],
+    }
+    report["met"]["all"] = all(report["met"].values())
+    (out / "demo_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+# ----------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out = Path(args.output)
+    if not out.is_absolute():
+        out = REPO / out
+    stages = stage_commands(args, out)
+    if args.print_commands:
+        print(f"# the demo's stages; run from {REPO}")
+        for name, _, cmd, env in stages:
+            print(f"# {name}\n{shell_line(cmd, env)}" if cmd else f"# {name}: written by launch/demo.py itself")
+        return 0
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "logs").mkdir(exist_ok=True)
+    timing_file = out / "stage_timings.json"
+    timings = json.loads(timing_file.read_text()) if timing_file.is_file() else {}
+    forced = min((STAGES.index(s) for s in args.force), default=len(STAGES))
+    start = time.time()
+    for i, (name, done, cmd, env) in enumerate(stages):
+        if done.exists() and i < forced:
+            took = f"; took {timings[name]['seconds']:.1f} s when it ran" if name in timings else ""
+            print(f"\n=== [{i + 1}/{len(stages)}] {name}: skipped ({done.relative_to(out)} exists{took})", flush=True)
+            timings.setdefault(name, {"seconds": 0.0})["skipped_now"] = True
+            continue
+        if i >= forced or name in ("evaluate", "report"):
+            clear(done, out)  # a rerun starts clean (an unfinished stage resumes instead)
+        forced = min(forced, i)  # a stage that runs makes every later stage's output stale
+        print(f"\n=== [{i + 1}/{len(stages)}] {name}" + (f": {shell_line(cmd, env)}" if cmd else ""), flush=True)
+        t0 = time.time()
+        if name == "report":
+            timings[name] = {"seconds": 0.0}
+            write_report(args, out, timings)
+        else:
+            run_stage(name, cmd, env, out / "logs" / f"{name}.log")
+        timings[name] = {"seconds": round(time.time() - t0, 2), "skipped_now": False,
+                         "command": shell_line(cmd, env) if cmd else None}
+        timing_file.write_text(json.dumps(timings, indent=1) + "\n")
+        print(f"=== {name}: done in {timings[name]['seconds']:.1f} s (elapsed {time.time() - start:.0f} s)", flush=True)
+    report = write_report(args, out, timings)  # final timings, the report stage's own included
+    q = report["quality"]
+    print(f"\ndemo done in {report['total_wall_s']:.0f} s of stage time (target {TARGETS['total_wall_s']} s): "
+          f"text-to-image {q['text_to_image']:.0%} (target {TARGETS['text_to_image']:.0%}), "
+          f"captioning {q['captioning']:.0%} (target {TARGETS['captioning']:.0%}); "
+          f"classifier on real held-out images {q['classifier_on_real']:.0%}")
+    print(f"outputs in {out}: {', '.join(report['artifacts'])}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""Sample a pretrained MDM on the demo corpus's held-out set and score it against the ground truth.
+
+    python -m mdm_dist.eval.heldout --export RUN/export --vae VAE_DIR/vae.pt \
+        --tokenizer TOKENIZER_DIR --corpus CORPUS_DIR --out OUT [--num 96] [--steps N] [--guidance W]
+
+Held-out set: ``CORPUS/eval.jsonl`` (data_prep/make_demo_data.py: captions and ground truth of
+scenes whose keys are never in the training shards). Its images are re-drawn from their random
+streams exactly as the corpus draws them (checked against the stored ground truth) and
+preprocessed like the training images (PNG -> ``decode_image`` at ``vae.image_size``).
+
+* **text-to-image**: each held-out caption is a prompt; the generated image latents are decoded by
+  the VAE-stage decoder (``--vae``: the checkpoint that encoded the MDS shards, whose latent space
+  the MDM generates in; pretraining with ``train.vae_checkpoint`` keeps the MDM's copy of the
+  image path frozen and equal to it), and :func:`mdm_dist.eval.classifier.classify` decides
+  whether the image shows the prompted colour and shape.
+* **captioning**: each held-out image is encoded by the VAE-stage encoder (as the MDS shards
+  were), the MDM generates a caption conditioned on the latent means, and
+  :func:`mdm_dist.eval.captions.caption_names` decides whether it names the true colour and shape.
+* sanity figures: the classifier on the real held-out images and on their VAE reconstructions.
+
+Writes ``OUT/text_to_image.png`` (generated images, prompt and verdict over each),
+``OUT/image_to_text.png`` (held-out images with their generated captions),
+``OUT/captions.json`` / ``.md`` (generated beside true captions) and ``OUT/quality.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from mdm_dist.eval.captions import caption_names
+from mdm_dist.eval.classifier import classify_batch
+
+EVAL_SPLIT = 1  # data_prep/make_demo_data.py draws held-out sample i from default_rng([seed, 1, i])
+
+
+def heldout_records(corpus: Path, num: int) -> list[dict]:
+    path = Path(corpus) / "eval.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: draw the corpus with data_prep/make_demo_data.py")
+    with open(path) as f:
+        recs = [json.loads(line) for line in f if line.strip()]
+    if not recs:
+        raise ValueError(f"{path} holds no held-out samples (make_demo_data.py --num-eval 0?)")
+    return recs[:num]
+
+
+def heldout_images(corpus: Path, records: list[dict], image_size: int) -> np.ndarray:
+    """The held-out images (n, S, S, 3) uint8 as the model's pipeline sees them: drawn from each
+    sample's own random stream like make_demo_data.py, at the corpus's resolution, PNG-encoded and
+    decoded by the training pipeline's ``decode_image``."""
+    from PIL import Image
+
+    from mdm_dist.data.raw import decode_image
+    from mdm_dist.data.shapes import SCENE_TEMPLATES, random_scene, render_scene
+
+    manifest = json.loads((Path(corpus) / "manifest.json").read_text())
+    out = []
+    for rec in records:
+        index = int(rec["key"].removeprefix("eval"))
+        rng = np.random.default_rng([manifest["seed"], EVAL_SPLIT, index])
+        spec = random_scene(rng)
+        rng.integers(len(SCENE_TEMPLATES))  # the caption template draw, as make_demo_data.draw does
+        truth = {k: rec[k] for k in spec.to_dict()}
+        if spec.to_dict() != truth:
+            raise RuntimeError(f"held-out sample {rec['key']}: re-drawn scene {spec.to_dict()} differs from "
+                               f"eval.jsonl's {truth}; data_prep/make_demo_data.py's draw() changed")
+        buf = io.BytesIO()
+        Image.fromarray(render_scene(spec, manifest["image_size"], jitter=rng)).save(buf, format="PNG")
+        out.append(decode_image(buf.getvalue(), image_size)[0])
+    return np.stack(out)
+
+
+def load_mdm(export_dir: Path, weights: str = "raw"):
+    """(MDM in eval mode, Config) from an export folder of launch/pretrain.py."""
+    from safetensors.torch import load_file
+
+    from mdm_dist.config import load_config
+    from mdm_dist.models.mdm import build_model
+
+    export_dir = Path(export_dir)
+    f = export_dir / ("model_ema.safetensors" if weights == "ema" else "model.safetensors")
+    if not f.is_file():
+        raise FileNotFoundError(f"{f} does not exist: run launch/pretrain.py to the end (it exports there)")
+    cfg = load_config(export_dir / "config.yaml")
+    model = build_model(cfg)
+    missing, unexpected = model.load_state_dict(load_file(str(f)), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{f} does not fit {export_dir / 'config.yaml'}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model.eval(), cfg
+
+
+def _rate(flags: list[bool]) -> float:
+    return float(np.mean(flags)) if flags else 0.0
+
+
+@torch.no_grad()
+def evaluate(model, vae, tok, records: list[dict], images: np.ndarray, steps: int | None, guidance: float | None,
+             sampler: str | None, seed: int = 0) -> tuple[dict, dict]:
+    """(quality figures, per-sample outputs) of t2i and i2t on the held-out set."""
+    from mdm_dist.data.raw import to_tensor_range
+    from mdm_dist.diffusion import sample
+
+    cfg = model.cfg
+    L = cfg.vae.max_text_len
+    kw = dict(steps=steps, guidance_scale=guidance, sampler=sampler)
+    colours = [r["colour"] for r in records]
+    shapes = [r["shape"] for r in records]
+    x = to_tensor_range(images)
+    times = {}
+
+    t0 = time.time()
+    ids = torch.from_numpy(np.stack([tok.encode_fixed(r["caption"], L) for r in records])).long()
+    t2i = sample(model, "t2i", ids=ids, generator=torch.Generator().manual_seed(seed), **kw)
+    gen_images = vae.decode_image(t2i["img_latents"].float()).clamp(-1, 1)
+    times["t2i_s"] = time.time() - t0
+    preds = classify_batch(gen_images)
+
+    t0 = time.time()
+    mu, _ = vae.encode_image(x)
+    i2t = sample(model, "i2t", img_latents=mu, generator=torch.Generator().manual_seed(seed + 1), **kw)
+    captions = [tok.decode([int(i) for i in row]) for row in i2t["ids"]]
+    times["i2t_s"] = time.time() - t0
+
+    real = classify_batch(x)
+    recon = vae.decode_image(mu).clamp(-1, 1)
+    recon_preds = classify_batch(recon)
+
+    t2i_ok = [p.matches(c, s) for p, c, s in zip(preds, colours, shapes)]
+    i2t_ok = [caption_names(g, c, s) for g, c, s in zip(captions, colours, shapes)]
+    quality = {
+        "num_prompts": len(records),
+        "text_to_image": _rate(t2i_ok),
+        "text_to_image_colour": _rate([p.colour == c for p, c in zip(preds, colours)]),
+        "text_to_image_shape": _rate([p.shape == s for p, s in zip(preds, shapes)]),
+        "captioning": _rate(i2t_ok),
+        "captioning_colour": _rate([c in g.lower().split() for g, c in zip(captions, colours)]),
+        "captioning_exact": _rate([g.strip() == r["caption"].strip() for g, r in zip(captions, records)]),
+        "classifier_on_real": _rate([p.matches(c, s) for p, c, s in zip(real, colours, shapes)]),
+        "classifier_on_vae_reconstructions": _rate([p.matches(c, s) for p, c, s in zip(recon_preds, colours, shapes)]),
+        "spec_seen_in_train": _rate([bool(r.get("spec_in_train")) for r in records]),
+        "sampler": sampler or cfg.diffusion.sampler,
+        "sample_steps": steps or cfg.diffusion.sample_steps,
+        "guidance_scale": cfg.diffusion.guidance_scale if guidance is None else guidance,
+        "timings": times,
+    }
+    outputs = {"gen_images": gen_images, "real_images": x, "preds": preds, "captions": captions,
+               "t2i_ok": t2i_ok, "i2t_ok": i2t_ok}
+    return quality, outputs
+
+
+def _printable(text: str) -> str:
+    """A label matplotlib's default font can draw (a young model emits byte-fallback pieces)."""
+    return "".join(c if c.isprintable() and ord(c) < 0x250 else "?" for c in text)
+
+
+def write_outputs(out: Path, records: list[dict], quality: dict, o: dict, max_grid: int = 32) -> None:
+    from mdm_dist.train.samples import write_captions
+    from mdm_dist.viz import image_grid
+
+    out.mkdir(parents=True, exist_ok=True)
+    n = min(max_grid, len(records))
+    labels = [f"{'OK' if o['t2i_ok'][i] else 'NO'} {records[i]['caption'][:34]}\n"
+              f"seen: {o['preds'][i].colour} {o['preds'][i].shape}" for i in range(n)]
+    image_grid(o["gen_images"][:n], out / "text_to_image.png", ncol=8, labels=labels,
+               title=f"text-to-image on held-out prompts: {quality['text_to_image']:.0%} show the prompted colour and shape")
+    labels = [f"{'OK' if o['i2t_ok'][i] else 'NO'} {_printable(o['captions'][i])[:38]}" for i in range(n)]
+    image_grid(o["real_images"][:n], out / "image_to_text.png", ncol=8, labels=labels,
+               title=f"captioning of held-out images: {quality['captioning']:.0%} name the true colour and shape")
+    rows = [{"key": r["key"], "true": r["caption"], "generated": g, "names_colour_and_shape": ok}
+            for r, g, ok in zip(records, o["captions"], o["i2t_ok"])]
+    write_captions(rows, out / "captions")
+    (out / "quality.json").write_text(json.dumps(quality, indent=2) + "\n")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--export", required=True, help="export folder of launch/pretrain.py (RUN_DIR/export)")
+    ap.add_argument("--vae", required=True, help="vae.pt of launch/train_vae.py (decodes images, encodes held-out images)")
+    ap.add_argument("--tokenizer", required=True, help="tokenizer directory")
+    ap.add_argument("--corpus", required=True, help="the demo corpus directory (eval.jsonl, manifest.json)")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--num", type=int, default=96, help="held-out samples to score (default 96)")
+    ap.add_argument("--weights", choices=("raw", "ema"), default="raw")
+    ap.add_argument("--steps", type=int, default=None, help="sampler steps (default diffusion.sample_steps)")
+    ap.add_argument("--guidance", type=float, default=None, help="CFG scale (default diffusion.guidance_scale)")
+    ap.add_argument("--sampler", choices=("dpm2", "ddim", "euler"), default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+
+    from mdm_dist.data.tokenizer import CaptionTokenizer
+    from mdm_dist.data.vae_checkpoint import load_vae_checkpoint
+
+    try:
+        model, cfg = load_mdm(Path(args.export), args.weights)
+        vae, _, _ = load_vae_checkpoint(args.vae)
+        tok = CaptionTokenizer(args.tokenizer)
+        records = heldout_records(Path(args.corpus), args.num)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"heldout: error: {e}", file=sys.stderr)
+        return 2
+    images = heldout_images(Path(args.corpus), records, cfg.vae.image_size)
+    quality, outputs = evaluate(model, vae, tok, records, images, args.steps, args.guidance, args.sampler, args.seed)
+    quality["weights"] = args.weights
+    write_outputs(Path(args.out), records, quality, outputs)
+    print(json.dumps({k: v for k, v in quality.items() if k != "timings"}, indent=1))
+    print(f"wrote text_to_image.png, image_to_text.png, captions.json/.md, quality.json to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

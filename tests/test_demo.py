@@ -1,0 +1,95 @@
+"""launch/demo.py end to end, shortened (--quick: small corpus, a few steps of each stage), on 2
+CPU processes under the deepspeed launcher: every artifact exists and is valid, and a rerun
+skips every stage."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ("corpus", "tokenizer", "vae", "encode", "pretrain", "evaluate", "report")
+
+
+def _env(tmp: Path) -> dict:
+    cache = ROOT / ".cache"
+    return {**os.environ, "TORCH_EXTENSIONS_DIR": str(cache / "torch_extensions"), "WANDB_MODE": "disabled",
+            "MPLCONFIGDIR": str(cache / "matplotlib"), "TRITON_CACHE_DIR": str(cache / "triton"),
+            "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _demo(out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "launch/demo.py", "--quick", "--output", str(out), *extra], cwd=ROOT,
+                          env=_env(out), capture_output=True, text=True, timeout=900)
+
+
+def test_print_commands_lists_every_stage(tmp_path):
+    p = _demo(tmp_path / "demo", "--print-commands")
+    assert p.returncode == 0, p.stderr
+    text = p.stdout
+    for needle in ("data_prep/make_demo_data.py", "data_prep/train_tokenizer.py", "launch/train_vae.py",
+                   "data_prep/encode_laion.py", "deepspeed --num_accelerators 2 ", "launch/pretrain.py",
+                   "parallel.sequence_parallel=2", "train.vae_checkpoint=", "OMP_NUM_THREADS=1",
+                   "mdm_dist.eval.heldout"):
+        assert needle in text, needle
+    assert not (tmp_path / "demo").exists()  # printing runs nothing
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "out"
+    p = _demo(out)
+    assert p.returncode == 0, f"demo failed:\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}"
+    return out, p.stdout
+
+
+def test_quick_demo_writes_every_artifact(quick_demo):
+    out, stdout = quick_demo
+    for stage in STAGES:
+        assert f"] {stage}" in stdout, f"no progress line for stage {stage}"
+    for name in ("text_to_image.png", "image_to_text.png", "vae_reconstructions.png", "loss_curves.png"):
+        with Image.open(out / name) as im:
+            im.load()  # decodes the whole PNG
+            assert im.size[0] > 100 and im.size[1] > 100, name
+    captions = json.loads((out / "captions.json").read_text())
+    assert len(captions) == 16 and {"true", "generated", "names_colour_and_shape"} <= set(captions[0])
+    assert (out / "captions.md").read_text().startswith("| #")
+
+    report = json.loads((out / "demo_report.json").read_text())
+    assert set(report["stage_timings_s"]) == set(STAGES)
+    assert all(v >= 0 for v in report["stage_timings_s"].values())
+    assert report["stage_timings_s"]["pretrain"] > 0
+    assert report["total_wall_s"] == pytest.approx(sum(report["stage_timings_s"].values()), abs=0.1)
+    q = report["quality"]
+    for key in ("text_to_image", "captioning", "text_to_image_colour", "text_to_image_shape",
+                "captioning_colour", "classifier_on_real", "classifier_on_vae_reconstructions"):
+        assert 0.0 <= q[key] <= 1.0, key
+    assert q["classifier_on_real"] >= 0.9  # the held-out images are re-drawn exactly
+    assert q["num_prompts"] == 16
+    assert report["targets"]["text_to_image"] == 0.8 and report["targets"]["captioning"] == 0.8
+    assert set(report["met"]) == {"text_to_image", "captioning", "total_wall_s", "all"}
+    assert report["pretrain"]["steps"] == 6 and report["pretrain"]["processes"] == 2
+    assert report["encode"]["written"] == 256
+
+    run = out / "run"
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, 7))
+    assert json.loads((run / "ds_config.json").read_text())["zero_optimization"]["stage"] == 3
+
+
+def test_quick_demo_rerun_skips_every_stage(quick_demo):
+    out, _ = quick_demo
+    before = json.loads((out / "demo_report.json").read_text())
+    p = _demo(out)
+    assert p.returncode == 0, p.stderr[-3000:]
+    for stage in STAGES[:5]:
+        assert f"] {stage}: skipped" in p.stdout, stage
+    after = json.loads((out / "demo_report.json").read_text())
+    assert after["stage_timings_s"]["pretrain"] == before["stage_timings_s"]["pretrain"]
+    assert after["quality"]["classifier_on_real"] == before["quality"]["classifier_on_real"]

@@ -12,3 +12,26 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+_SHM_PATTERN = "/dev/shm/deepspeed_allreduce_buffer_*"
+
+
+def pytest_sessionstart(session):
+    import glob
+
+    session.config._mdm_shm_before = set(glob.glob(_SHM_PATTERN))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """DeepSpeed's CPU accelerator leaves two ~66 MB shared-memory buffers per distributed run;
+    remove the ones this test session created so repeated runs do not fill /dev/shm."""
+    import glob
+    import os
+
+    before = getattr(session.config, "_mdm_shm_before", set())
+    for path in set(glob.glob(_SHM_PATTERN)) - before:
+        try:
+            os.remove(path)
+        except OSError:
+            pass

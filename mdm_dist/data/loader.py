@@ -56,6 +56,9 @@ def prepare_streaming_env(tmp_dir: str | Path | None = None) -> Path:
       processes inherit it;
     * LOCAL_WORLD_SIZE from the DeepSpeed launcher's LOCAL_SIZE when only that is set (set here
       in Python, per process: a global export would break single-process runs);
+    * with WORLD_SIZE > 1 and no process group yet, one is started and kept (see
+      :func:`_ensure_process_group`): call this after your own ``init_process_group`` if you want
+      another backend;
     * stale shared memory of dead runs removed."""
     from streaming.base.util import clean_stale_shared_memory
 
@@ -65,8 +68,26 @@ def prepare_streaming_env(tmp_dir: str | Path | None = None) -> Path:
     tempfile.tempdir = str(d)
     if "LOCAL_WORLD_SIZE" not in os.environ and "LOCAL_SIZE" in os.environ:
         os.environ["LOCAL_WORLD_SIZE"] = os.environ["LOCAL_SIZE"]
+    _ensure_process_group()
     clean_stale_shared_memory()
     return d
+
+
+def _ensure_process_group() -> None:
+    """Start the process group once, for the life of the process, when several ranks run and
+    nobody has started it (the trainer starts its own first).
+
+    Streaming otherwise starts one itself in each call that needs it and destroys it at the end
+    (``clean_stale_shared_memory``, then ``StreamingDataset.__init__``), on the same
+    MASTER_PORT: a rank that reconnects while rank 0 is still tearing down the previous TCPStore
+    gets "Connection reset by peer" or waits forever in the new rendezvous (reproduced here in
+    2 of 10 two-rank starts)."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
+        return
+    backend = "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"  # streaming's own choice
+    dist.init_process_group(backend=backend, rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
 
 
 def data_parallel_rank(rank: int, world_size: int, sequence_parallel: int = 1) -> tuple[int, int]:

@@ -108,6 +108,10 @@ class DiffusionConfig:
     t_eps: float = 1e-3  # t is drawn from [t_eps, 1]
     text_process: Literal["absorbing", "gaussian"] = "absorbing"
     sedd_eps: float = 1e-3  # log-linear noise: sigma(t) = -log(1 - (1 - sedd_eps) t)
+    # absorbing text's log-scores: "conditional" = log p(x0 = y | x_t) + log r(t) (the exact form
+    # of the absorbing score, RADD / MDLM: the network gives a distribution, the mass is exact);
+    # "free" = SEDD's unconstrained log-scores (the mass must be learned too)
+    text_score: Literal["conditional", "free"] = "conditional"
     image_weighting: Literal["elbo", "eps"] = "elbo"  # per-t weight of the image DSM term under `se`
     max_image_weight: float = 5.0  # clamp of the normalized ELBO weight (variance control)
     lambda_se: float = 1.0

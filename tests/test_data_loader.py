@@ -186,3 +186,32 @@ def test_two_ranks_split_or_replicate(streams, tmp_path, sp):
         assert sorted(outs[0] + outs[1]) == [f"a{i:04d}" for i in range(60)]
     else:
         assert outs[0] == outs[1] and sorted(outs[0]) == [f"a{i:04d}" for i in range(60)]
+
+
+@pytest.mark.skipif(not Path("/dev/shm").is_dir(), reason="Linux /dev/shm only")
+def test_stale_shm_cleaner_spares_live_datasets(streams):
+    """A dead job's segment goes; the segments of a dataset alive in this process stay, and the
+    dataset still reads (streaming's own cleaner removed both)."""
+    import os
+
+    from mdm_dist.data.loader import clean_stale_streaming_shm
+
+    ds = build_dataset([streams[1]], batch_size=5, shuffle=False)
+    live = {n for n in os.listdir("/dev/shm") if n.startswith(f"{ds._shm_prefix_int:06d}_")}
+    assert live, "the dataset registered no shared memory"
+    stale = "999983_barrier"  # what a killed run leaves: a segment nobody maps or holds open
+    fd = os.open(f"/dev/shm/{stale}", os.O_CREAT | os.O_RDWR, 0o600)
+    os.write(fd, b"\0" * 16)
+    os.close(fd)
+    try:
+        removed = clean_stale_streaming_shm()
+        assert stale in removed and not Path(f"/dev/shm/{stale}").exists()
+        assert not live & set(removed)
+        assert all(Path(f"/dev/shm/{n}").exists() for n in live)
+        keys = [k for b in build_loader(ds, 5, MDMCollator(8, 0)) for k in b["key"]]
+        assert sorted(keys) == [f"b{i:04d}" for i in range(30)]
+    finally:
+        if Path(f"/dev/shm/{stale}").exists():
+            os.unlink(f"/dev/shm/{stale}")
+        del ds
+        gc.collect()

@@ -32,7 +32,7 @@ each other (rank = dp_rank * sp + sp_rank).
 Streaming's shared memory and file locks: it keeps per-dataset shared memory (/dev/shm) and
 filelocks in ``tempfile.gettempdir()``; :func:`prepare_streaming_env` points the temp dir at a
 folder the project owns (``.cache/streaming`` by default) and removes stale shared memory left by
-killed runs (``clean_stale_shared_memory``).
+killed runs (:func:`clean_stale_streaming_shm`, which spares the segments of live jobs).
 """
 
 from __future__ import annotations
@@ -59,7 +59,8 @@ def prepare_streaming_env(tmp_dir: str | Path | None = None) -> Path:
     * with WORLD_SIZE > 1 and no process group yet, one is started and kept (see
       :func:`_ensure_process_group`): call this after your own ``init_process_group`` if you want
       another backend;
-    * stale shared memory of dead runs removed."""
+    * stale shared memory of dead runs removed (:func:`clean_stale_streaming_shm`: only segments
+      no live process uses, so jobs sharing a node leave each other's datasets alone)."""
     from streaming.base.util import clean_stale_shared_memory
 
     d = Path(tmp_dir or os.environ.get("MDM_STREAMING_TMP") or DEFAULT_TMP)
@@ -69,8 +70,72 @@ def prepare_streaming_env(tmp_dir: str | Path | None = None) -> Path:
     if "LOCAL_WORLD_SIZE" not in os.environ and "LOCAL_SIZE" in os.environ:
         os.environ["LOCAL_WORLD_SIZE"] = os.environ["LOCAL_SIZE"]
     _ensure_process_group()
-    clean_stale_shared_memory()
+    if Path("/dev/shm").is_dir() and Path("/proc/self/maps").is_file():
+        clean_stale_streaming_shm()
+    else:  # not Linux: streaming's own cleaner, which removes every streaming segment it finds
+        clean_stale_shared_memory()
     return d
+
+
+def _shm_in_use() -> set[str]:
+    """Names of the /dev/shm files a live process maps or holds open (from /proc; processes
+    whose /proc entries this user cannot read are skipped: their segments are not ours to
+    remove anyway, /dev/shm being sticky)."""
+    used: set[str] = set()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                for line in f:
+                    i = line.find("/dev/shm/")
+                    if i >= 0:
+                        used.add(line[i + len("/dev/shm/"):].split(" (deleted)")[0].strip())
+        except OSError:
+            pass
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("/dev/shm/"):
+                used.add(target[len("/dev/shm/"):])
+    return used
+
+
+def clean_stale_streaming_shm() -> list[str]:
+    """Remove the shared-memory segments of StreamingDatasets whose processes are gone; returns
+    their names. Streaming's ``clean_stale_shared_memory`` removes *every* streaming segment,
+    live ones included, so a second job on the node (another training, a test run, an
+    evaluation) pulled the segments from under the first one's datasets
+    (``FileNotFoundError: '/000000_locals'``). Here a segment is stale only when no live process
+    maps it or holds it open. Local rank 0 cleans; the other ranks wait for it."""
+    import re
+
+    import torch.distributed as dist
+    from streaming.base.constant import SHM_TO_CLEAN
+
+    removed: list[str] = []
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        pattern = re.compile(r"^\d{6}_(?:%s)$" % "|".join(map(re.escape, SHM_TO_CLEAN)))
+        candidates = [n for n in os.listdir("/dev/shm") if pattern.match(n)]
+        if candidates:
+            used = _shm_in_use()
+            for name in candidates:
+                if name in used:
+                    continue
+                try:
+                    os.unlink(f"/dev/shm/{name}")
+                    removed.append(name)
+                except (FileNotFoundError, PermissionError):
+                    pass
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    return removed
 
 
 def _ensure_process_group() -> None:

@@ -19,6 +19,17 @@ computed in the equivalent form that has no cancellation and is a sum of two ter
     L_pos = r (exp(a) - 1 - a) + r (lse - s_{y0})
 
 Its minimum over s is 0, at s_{y0} = log r and s_y = -inf for y != y0 (then a = 0, lse = s_y0).
+Parameterization (``diffusion.text_score``). For the absorbing process the true score of a
+masked position is exactly s_y = r(t) p_0(x0 = y | unmasked context), r = 1 / expm1(sigma) (Ou
+et al. 2024, "absorbing discrete diffusion secretly models the conditional distributions of clean
+data"; MDLM's SUBS parameterization). ``conditional`` (default) builds the log-scores that way
+from the network's logits: s = log_softmax_{y != MASK}(logits) + log r (:func:`absorbing_log_scores`),
+so lse = log r, a = 0 and L_pos = r (-log p_theta(y0)): the network only learns a distribution.
+``free`` uses the logits themselves as log-scores (SEDD's form): the network must also learn the
+total mass log r(t), through the frozen VAE text decoder; measured on the demo
+(benchmarks/demo_results.md), that mass term swamped the gradient and the model learned the
+caption language but not to read the image.
+
 The per-sample text loss is ``dsigma(t) / L * sum_pos L_pos`` (SEDD's dsigma-weighted score
 entropy, divided by the text length L so that it is a per-token quantity; unmasked positions
 count in L with 0), averaged over the samples of the batch whose text is generated.
@@ -90,6 +101,21 @@ def score_entropy_absorbing(
     a = lse - log_r
     loss = r * (torch.expm1(a) - a) + r * (lse - s_y0)
     return torch.where(masked, loss, torch.zeros_like(loss))
+
+
+def absorbing_log_scores(logits: torch.Tensor, sigma: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """The ``conditional`` log-scores: log_softmax over y != MASK of ``logits`` plus log r(sigma),
+    r = 1 / expm1(sigma), per sample (the MASK column is -inf). ``sigma`` (B,); samples with
+    sigma = 0 (nothing masked: their scores are never used) get log r = 0. In float32 or wider."""
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    s = logits.to(dtype)
+    mask_col = torch.zeros(s.shape[-1], dtype=torch.bool, device=s.device)
+    mask_col[mask_id] = True
+    logp = torch.log_softmax(s.masked_fill(mask_col, float("-inf")), dim=-1)
+    sig = sigma.to(dtype)
+    log_r = torch.where(sig > 0, -torch.log(torch.expm1(torch.where(sig > 0, sig, torch.ones_like(sig)))),
+                        torch.zeros_like(sig))
+    return logp + log_r.view(-1, *([1] * (s.dim() - 1)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -323,6 +349,8 @@ def mdm_loss(
     # -- text diffusion term -----------------------------------------------------------------
     if d.text_process == "absorbing":
         log_scores = vae.decode_text(txt_out)
+        if d.text_score == "conditional":
+            log_scores = absorbing_log_scores(log_scores, sigma_txt, v.mask_id)
         se = score_entropy_absorbing(log_scores, ids, xt, sigma_txt, v.mask_id)  # (B, L)
         per_sample = sched.text.dsigma(t_txt) * se.sum(-1) / L
     elif d.objective == "ddpm":
@@ -354,4 +382,4 @@ def mdm_loss(
     return out
 
 
-__all__ = ["score_entropy_absorbing", "dsm_image_weight", "mdm_loss", "draw_tasks", "absorb", "TASKS"]
+__all__ = ["score_entropy_absorbing", "absorbing_log_scores", "dsm_image_weight", "mdm_loss", "draw_tasks", "absorb", "TASKS"]

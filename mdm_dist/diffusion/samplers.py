@@ -220,6 +220,9 @@ def _sample(model, mode, batch_size, ids, images, img_latents, category, steps, 
     if use_cfg and mode == I2T:
         u_img = randn(b, N, dz)
 
+    mask_col = torch.zeros(v.vocab_size, dtype=torch.bool, device=device)
+    mask_col[v.mask_id] = True
+
     def text_latent(x_ids, z):
         if gen_txt and absorbing:
             return vae.sample(*vae.encode_text(x_ids), gen).to(dtype)
@@ -240,6 +243,10 @@ def _sample(model, mode, batch_size, ids, images, img_latents, category, steps, 
             cat = torch.cat([category, null])
         txt_out, img_out = backbone(txt, img, t_txt, t_img, cat)
         txt_pred = vae.decode_text(txt_out).float() if absorbing else txt_out.to(dtype)
+        if absorbing and d.text_score == "conditional":
+            # log p(x0 | x_t): absorbing_step only needs the distribution (log r is one shift per
+            # sample, and guidance combines normalized log-probabilities, not raw logits)
+            txt_pred = txt_pred.masked_fill(mask_col, float("-inf")).log_softmax(-1)
         img_pred = img_out.to(dtype)
         if use_cfg:
             txt_pred = guide(txt_pred[:b], txt_pred[b:], w)

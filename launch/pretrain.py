@@ -117,7 +117,7 @@ def main(argv=None) -> int:
 
     prepare_streaming_env()
     _, loader = loader_from_config(cfg)
-    ema = EMA(tr.mdm, t.ema_decay)
+    ema = EMA(tr.mdm, t.ema_decay, warmup=t.ema_warmup)
     step = 0
     found = resolve_resume(args.resume, ckpt_dir) if args.resume else None
     if found is not None:

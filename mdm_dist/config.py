@@ -112,7 +112,12 @@ class DiffusionConfig:
     # of the absorbing score, RADD / MDLM: the network gives a distribution, the mass is exact);
     # "free" = SEDD's unconstrained log-scores (the mass must be learned too)
     text_score: Literal["conditional", "free"] = "conditional"
-    image_weighting: Literal["elbo", "eps"] = "elbo"  # per-t weight of the image DSM term under `se`
+    # what the image head predicts: "eps" (the noise) or "v" = sqrt(abar) eps - sigma z0 (Salimans
+    # & Ho 2022); the samplers and the DSM loss convert v to eps, so the weighting below is unchanged
+    image_prediction: Literal["eps", "v"] = "eps"
+    # per-t weight of the image DSM term under `se`: elbo, eps (1), or v (1 / abar: the x0 error
+    # weighted by 1 + SNR, exactly the v-MSE under image_prediction v)
+    image_weighting: Literal["elbo", "eps", "v"] = "elbo"
     max_image_weight: float = 5.0  # clamp of the normalized ELBO weight (variance control)
     lambda_se: float = 1.0
     lambda_rec_img: float = 1.0
@@ -140,6 +145,7 @@ class TrainConfig:
     activation_checkpointing: Literal["none", "every", "every_k"] = "none"
     checkpoint_every_k: int = 2
     ema_decay: float = 0.9999
+    ema_warmup: bool = True  # decay of step k: min(ema_decay, (1 + k) / (10 + k))
     seed: int = 0
     log_every: int = 10
     save_every: int = 500

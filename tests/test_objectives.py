@@ -12,6 +12,7 @@ from torch import nn
 
 from mdm_dist.config import load_config
 from mdm_dist.diffusion import absorb, draw_tasks, dsm_image_weight, mdm_loss, score_entropy_absorbing
+from mdm_dist.diffusion.objectives import absorbing_log_scores
 from mdm_dist.diffusion.schedules import LogLinearNoise, VPSchedule, from_config
 
 MASK = 1
@@ -134,7 +135,9 @@ def test_dsm_weight(kind):
     ref = dlog / (-(vp.log_snr(0.5 + h) - vp.log_snr(0.5 - h)) / (2 * h))
     torch.testing.assert_close(dsm_image_weight(tc, vp, "elbo", 1e9), ref.clamp(max=1e9), rtol=1e-5, atol=0)
     assert torch.equal(dsm_image_weight(t, vp, "eps", 5.0), torch.ones_like(t))
-    with pytest.raises(ValueError, match="elbo, eps"):
+    torch.testing.assert_close(dsm_image_weight(tc, vp, "v", 1e9), 1.0 / vp.alpha_bar(tc), rtol=1e-6, atol=0)
+    assert float(dsm_image_weight(torch.tensor([1.0]), vp, "v", 5.0)) <= 5.0
+    with pytest.raises(ValueError, match="elbo, eps, v"):
         dsm_image_weight(t, vp, "snr", 5.0)
 
 
@@ -256,8 +259,9 @@ class Recorder(nn.Module):
         return out
 
 
-def test_conditions_dropout_and_text_normalization():
-    cfg, model = tiny()
+@pytest.mark.parametrize("text_score", ["conditional", "free"])
+def test_conditions_dropout_and_text_normalization(text_score):
+    cfg, model = tiny(f"diffusion.text_score={text_score}")
     model.backbone = Recorder(model.backbone)
     batch = make_batch(cfg)
     L, mask_id, null = cfg.vae.max_text_len, cfg.vae.mask_id, cfg.model.num_categories
@@ -286,9 +290,63 @@ def test_conditions_dropout_and_text_normalization():
     xt = absorb(batch["ids"], sigma, mask_id, fixed["mask_noise"])
     xt[3] = mask_id  # the dropped t2i text condition is all-MASK
     assert (xt[1] == batch["ids"][1]).all()
-    se = score_entropy_absorbing(model.vae.decode_text(txt_out), batch["ids"], xt, sigma, mask_id)
+    logits = model.vae.decode_text(txt_out).double()
+    if text_score == "free":  # the logits are the log-scores (SEDD)
+        se = score_entropy_absorbing(logits, batch["ids"], xt, sigma, mask_id)
+    else:  # log-scores log p + log r: the score entropy is r * (-log p(y0)) at masked positions
+        logits[..., mask_id] = float("-inf")
+        logp = logits.log_softmax(-1).gather(-1, batch["ids"][..., None]).squeeze(-1)
+        r = 1.0 / torch.expm1(sigma.double().clamp_min(1e-12))[:, None]
+        se = torch.where(xt == mask_id, -r * logp, torch.zeros_like(logp))
     per = sched.text.dsigma(tt) * se.sum(-1) / L
-    torch.testing.assert_close(out["se_txt"], per[[0, 2, 4, 5]].mean())
+    torch.testing.assert_close(out["se_txt"], per[[0, 2, 4, 5]].mean().float())
+
+
+def test_conditional_log_scores_carry_the_exact_mass():
+    """log_softmax(logits) + log r: sum_y exp(s_y) over y != MASK is r exactly, so the score
+    entropy is r * (-log p(y0)); sigma = 0 stays finite."""
+    s, x0, xt, sigma = random_case(seed=4)
+    ls = absorbing_log_scores(s, sigma, MASK)
+    r = 1.0 / torch.expm1(sigma)
+    keep = torch.ones(s.shape[-1], dtype=torch.bool)
+    keep[MASK] = False
+    torch.testing.assert_close(ls[..., keep].exp().sum(-1), r[:, None].expand(x0.shape), rtol=1e-10, atol=0)
+    assert torch.isinf(ls[..., MASK]).all()
+    se = score_entropy_absorbing(ls, x0, xt, sigma, MASK)
+    p = torch.softmax(s[..., keep], -1)
+    idx = torch.where(x0 > MASK, x0 - 1, x0)  # column of x0 among the non-MASK entries
+    ref = torch.where(xt == MASK, -r[:, None] * p.gather(-1, idx[..., None]).squeeze(-1).log(), torch.zeros_like(se))
+    torch.testing.assert_close(se, ref, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(se, brute_force_se(ls, x0, xt, sigma, MASK), rtol=1e-9, atol=1e-9)
+    z = absorbing_log_scores(s, torch.zeros_like(sigma), MASK)
+    assert torch.isfinite(z[..., keep]).all()
+
+
+@pytest.mark.parametrize("weighting", ["v", "elbo"])
+def test_v_prediction_image_term(weighting):
+    """image_prediction v: the head's output is v = sqrt(abar) eps - sigma z0; the term is the
+    v-MSE (weighting v) or the weighted eps-MSE of eps_hat = sqrt(abar) v_hat + sigma z_t."""
+    cfg, model = tiny("diffusion.image_prediction=v", f"diffusion.image_weighting={weighting}")
+    model.backbone = Recorder(model.backbone)
+    nn.init.normal_(model.backbone.inner.img_out.weight, std=0.3)  # a non-zero prediction
+    batch = make_batch(cfg, pixels=False)
+    g = torch.Generator().manual_seed(2)
+    n = model.vae.num_image_tokens
+    t = torch.rand(B, generator=g) * 0.98 + 0.01
+    eps = torch.randn(B, n, cfg.vae.d_z, generator=g)
+    out = loss_of(model, batch, cfg, fixed={"task": "t2i", "t_img": t, "eps_img": eps})
+    (_, z_t, _, t_img, _), (_, v_hat) = model.backbone.seen
+    vp = from_config(cfg.diffusion).vp
+    a = vp.alpha_bar(t.double()).sqrt()[:, None, None]
+    sg = vp.sigma(t.double())[:, None, None]
+    z0 = (z_t.double() - sg * eps.double()) / a  # the clean latents the loss drew
+    v = a * eps.double() - sg * z0
+    if weighting == "v":
+        per = (v_hat.double() - v).square().mean((1, 2))
+    else:
+        eps_hat = a * v_hat.double() + sg * z_t.double()
+        per = dsm_image_weight(t, vp, "elbo", cfg.diffusion.max_image_weight).double() * (eps_hat - eps.double()).square().mean((1, 2))
+    torch.testing.assert_close(out["se_img"].double(), per.mean(), rtol=1e-4, atol=1e-6)
 
 
 def test_fixed_noise_is_deterministic():

@@ -76,6 +76,17 @@ class GaussianOracle(nn.Module):
         return txt_out.expand_as(txt).clone(), eps.to(img.dtype)
 
 
+class VOracle(GaussianOracle):
+    """The same exact flow, given as v = (eps - sigma z_t) / sqrt(abar) (image_prediction v)."""
+
+    def forward(self, txt, img, t_txt, t_img, category):
+        txt_out, eps = super().forward(txt, img, t_txt, t_img, category)
+        t = t_img.double()
+        a = self.vp.alpha_bar(t)[:, None, None]
+        sig = self.vp.sigma(t)[:, None, None]
+        return txt_out, ((eps.double() - sig * img.double()) / a.sqrt()).to(img.dtype)
+
+
 class TextOracle(nn.Module):
     """Log-scores that put all the mass on ``target`` (B, L) ids (mask column included, which
     the sampler must ignore); the image output is 0."""
@@ -137,6 +148,21 @@ def test_ode_solvers_recover_gaussian_data(schedule, sampler):
     # DDIM is first order and contracts the spread of a Gaussian at every step (by
     # Cauchy-Schwarz); on the uniform t grid it is ~2.5% narrow at 100 steps, dpm2 ~0.1%
     assert float(z.std()) == pytest.approx(s, rel=0.02 if sampler == "dpm2" else 0.04)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_v_prediction_samples_the_same_flow(schedule):
+    """A v-predicting model of the Gaussian data gives the eps-predicting model's samples."""
+    m, s = 0.7, 0.5
+    cfg_e, vp, model_e = gaussian_setup(schedule, m, s)
+    cfg_v = stub_cfg(f"diffusion.schedule={schedule}", "diffusion.image_prediction=v")
+    model_v = StubMDM(cfg_v, VOracle(vp, m, s))
+    ze = t2i(model_e, 64, 20, "dpm2")["img_latents"]
+    zv = t2i(model_v, 64, 20, "dpm2")["img_latents"]
+    torch.testing.assert_close(zv, ze, rtol=1e-6, atol=1e-6)
+    # read as eps instead (the bug this guards against), the same outputs give other samples
+    wrong = StubMDM(cfg_e, VOracle(vp, m, s))
+    assert not torch.allclose(t2i(wrong, 64, 20, "dpm2")["img_latents"], ze, atol=1e-2)
 
 
 @pytest.mark.parametrize("schedule, steps", [("cosine", 10), ("linear", 20)])

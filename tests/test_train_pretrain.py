@@ -194,7 +194,10 @@ def test_metrics_jsonl_has_required_keys(reference):
         assert required <= r.keys(), required - r.keys()
         assert r["mfu"] is None  # CPU: no known peak
         assert r["samples_per_s"] > 0 and r["tokens_per_s"] > r["samples_per_s"] and r["mem_gb"] > 0
-    assert rows[0]["lr"] == pytest.approx(1e-3 * 1 / 2)  # warmup 2 steps to train.lr (tiny.yaml: 1e-3)
+    from mdm_dist.config import load_config
+
+    lr = load_config(REPO / "configs" / "tiny.yaml").train.lr
+    assert rows[0]["lr"] == pytest.approx(lr * 1 / 2)  # warmup 2 steps to train.lr
     cfg_text = (reference / "config.yaml").read_text()
     assert "max_steps: 4" in cfg_text and str(reference.parent / "mds") in cfg_text
 

@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 from torch import nn
 
@@ -45,6 +46,26 @@ def test_ema_update_and_state():
     other = EMA(m, decay=0.5)
     other.load_state_dict(ema.state_dict())
     torch.testing.assert_close(other.shadow["weight"], w0 + 1.0)
+
+
+def test_ema_warmup_schedule():
+    """Update k uses min(decay, (1 + k) / (10 + k)); the count survives a state round trip."""
+    m = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        m.weight.fill_(0.0)
+    ema = EMA(m, decay=0.9, warmup=True)
+    ref = 0.0
+    for k in range(1, 40):
+        with torch.no_grad():
+            m.weight.fill_(float(k))
+        d = min(0.9, (1 + k) / (10 + k))
+        assert ema.current_decay() == pytest.approx(d)
+        ema.update()
+        ref = d * ref + (1 - d) * k
+        assert float(ema.shadow["weight"]) == pytest.approx(ref, rel=1e-6)
+    other = EMA(m, decay=0.9, warmup=True)
+    other.load_state_dict(ema.state_dict())
+    assert other.current_decay() == pytest.approx(41 / 50) and other.updates == 39
 
 
 def test_adamw_groups_skip_decay_for_vectors_and_marked():

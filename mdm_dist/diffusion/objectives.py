@@ -144,8 +144,10 @@ def dsm_image_weight(t: torch.Tensor, schedule: VPSchedule, kind: str = "elbo", 
     """
     if kind == "eps":
         return torch.ones_like(t)
+    if kind == "v":  # ||v_hat - v||^2 = ||eps_hat - eps||^2 / abar; clamped like the ELBO weight
+        return (1.0 / schedule.alpha_bar(t.double())).clamp(max=max_w).to(t.dtype)
     if kind != "elbo":
-        raise ValueError(f"image weighting {kind!r}; allowed values: elbo, eps")
+        raise ValueError(f"image weighting {kind!r}; allowed values: elbo, eps, v")
     ref = (schedule.beta(0.5) / schedule.sigma2(0.5)).item()
     w = schedule.beta(t.double()) / schedule.sigma2(t.double()) / ref
     return w.clamp(max=max_w).to(t.dtype)
@@ -366,9 +368,20 @@ def mdm_loss(
     se_txt = _masked_mean(per_sample.float(), txt_active)
 
     # -- image diffusion term ----------------------------------------------------------------
-    mse = (img_out.float() - eps_img.float()).square().mean(dim=(1, 2))
-    if d.objective == "se":
-        mse = dsm_image_weight(t_img, vp, d.image_weighting, d.max_image_weight).float() * mse
+    if d.image_prediction == "v":
+        a_i = vp.alpha_bar(t_img.double()).sqrt().float()[:, None, None]
+        s_i = vp.sigma(t_img.double()).float()[:, None, None]
+        v_target = a_i * eps_img.float() - s_i * z0_img.detach().float()
+        v_mse = (img_out.float() - v_target).square().mean(dim=(1, 2))
+        if d.objective == "ddpm" or d.image_weighting == "v":
+            mse = v_mse  # = eps-MSE / abar, without dividing by abar -> 0
+        else:  # eps_hat = a v_hat + s z_t, so ||eps_hat - eps||^2 = abar ||v_hat - v||^2
+            mse = a_i.flatten().square() * v_mse
+            mse = dsm_image_weight(t_img, vp, d.image_weighting, d.max_image_weight).float() * mse
+    else:
+        mse = (img_out.float() - eps_img.float()).square().mean(dim=(1, 2))
+        if d.objective == "se":
+            mse = dsm_image_weight(t_img, vp, d.image_weighting, d.max_image_weight).float() * mse
     se_img = _masked_mean(mse, img_active)
 
     if bool(txt_active.any()):

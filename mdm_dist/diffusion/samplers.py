@@ -248,6 +248,8 @@ def _sample(model, mode, batch_size, ids, images, img_latents, category, steps, 
             # sample, and guidance combines normalized log-probabilities, not raw logits)
             txt_pred = txt_pred.masked_fill(mask_col, float("-inf")).log_softmax(-1)
         img_pred = img_out.to(dtype)
+        if gen_img and d.image_prediction == "v":  # eps = sqrt(abar) v + sigma z_t
+            img_pred = float(vp.alpha_bar(t)) ** 0.5 * img_pred + float(vp.sigma(t)) * img
         if use_cfg:
             txt_pred = guide(txt_pred[:b], txt_pred[b:], w)
             img_pred = guide(img_pred[:b], img_pred[b:], w)

@@ -27,10 +27,16 @@ def local_tensor(p: nn.Parameter) -> torch.Tensor:
 
 
 class EMA:
-    def __init__(self, model: nn.Module, decay: float):
+    """``warmup``: the decay of update k (1-based) is min(decay, (1 + k) / (10 + k)), so the
+    average forgets the random initialization in the first hundreds of steps instead of keeping
+    decay^k of it (0.999^3200 = 4% at the demo's length, 0.9999^10000 = 37%); the step count is
+    part of the state, so a resumed run continues the same schedule."""
+
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = False):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"'train.ema_decay' must lie in [0, 1), got {decay}")
         self.decay = decay
+        self.warmup = warmup
         self.names = [n for n, _ in model.named_parameters()]
         self.params = dict(model.named_parameters())
         self.shadow = {n: local_tensor(p).detach().float().clone() for n, p in self.params.items()}
@@ -38,10 +44,16 @@ class EMA:
 
     @torch.no_grad()
     def update(self) -> None:
-        """shadow = decay * shadow + (1 - decay) * weights, on the local partitions."""
+        """shadow = d * shadow + (1 - d) * weights, on the local partitions (d = :meth:`current_decay`)."""
+        d = self.current_decay()
         for n, p in self.params.items():
-            self.shadow[n].lerp_(local_tensor(p).float(), 1.0 - self.decay)
+            self.shadow[n].lerp_(local_tensor(p).float(), 1.0 - d)
         self.updates += 1
+
+    def current_decay(self) -> float:
+        """The decay the next update uses."""
+        k = self.updates + 1
+        return min(self.decay, (1.0 + k) / (10.0 + k)) if self.warmup else self.decay
 
     def state_dict(self) -> dict:
         return {"decay": self.decay, "updates": self.updates, "shadow": self.shadow}

@@ -128,7 +128,7 @@ def stage_commands(args, out: Path) -> list[tuple[str, Path, list[str] | None, d
         ("evaluate", out / "quality.json",
          [PY, "-m", "mdm_dist.eval.heldout", "--export", str(run / "export"), "--vae", str(vae / "vae.pt"),
           "--tokenizer", str(tok), "--corpus", str(corpus), "--out", str(out), "--num", str(args.num_eval),
-          "--weights", args.weights, "--seed", str(args.seed), *sample_flags], ONE),
+          "--weights", args.weights, "--seed", str(args.seed), "--data", str(mds), *sample_flags], ONE),
         ("report", out / "demo_report.json", None, {}),
     ]
 
@@ -220,9 +220,11 @@ def write_report(args, out: Path, timings: dict) -> dict:
         "stages": timings,
         "total_wall_s": round(total, 2),
         "quality": {k: quality[k] for k in ("text_to_image", "captioning", "text_to_image_colour",
-                                            "text_to_image_shape", "captioning_colour", "captioning_exact",
+                                            "text_to_image_shape", "captioning_colour", "captioning_shape", "captioning_exact",
                                             "classifier_on_real", "classifier_on_vae_reconstructions",
                                             "num_prompts", "spec_seen_in_train")},
+        # loss with shuffled / true conditions on 128 training samples (1.00 = condition ignored)
+        "condition_reliance": quality.get("condition_reliance"),
         "sampling": {k: quality.get(k) for k in ("sampler", "sample_steps", "guidance_scale", "weights", "timings")},
         "targets": TARGETS,
         "met": {

@@ -68,9 +68,11 @@ def test_quick_demo_writes_every_artifact(quick_demo):
     assert report["total_wall_s"] == pytest.approx(sum(report["stage_timings_s"].values()), abs=0.1)
     q = report["quality"]
     for key in ("text_to_image", "captioning", "text_to_image_colour", "text_to_image_shape",
-                "captioning_colour", "classifier_on_real", "classifier_on_vae_reconstructions"):
+                "captioning_colour", "captioning_shape", "classifier_on_real", "classifier_on_vae_reconstructions"):
         assert 0.0 <= q[key] <= 1.0, key
     assert q["classifier_on_real"] >= 0.9  # the held-out images are re-drawn exactly
+    cr = report["condition_reliance"]
+    assert set(cr) == {"i2t", "t2i"} and all(cr[k]["true"] > 0 and cr[k]["ratio"] > 0 for k in cr)
     assert q["num_prompts"] == 16
     assert report["targets"]["text_to_image"] == 0.8 and report["targets"]["captioning"] == 0.8
     assert set(report["met"]) == {"text_to_image", "captioning", "total_wall_s", "all"}

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mdm_dist.eval.captions import caption_names
+from mdm_dist.eval.captions import caption_names, named_attributes
 from mdm_dist.eval.classifier import classify_batch
 
 EVAL_SPLIT = 1  # data_prep/make_demo_data.py draws held-out sample i from default_rng([seed, 1, i])
@@ -141,7 +141,9 @@ def evaluate(model, vae, tok, records: list[dict], images: np.ndarray, steps: in
         "text_to_image_colour": _rate([p.colour == c for p, c in zip(preds, colours)]),
         "text_to_image_shape": _rate([p.shape == s for p, s in zip(preds, shapes)]),
         "captioning": _rate(i2t_ok),
-        "captioning_colour": _rate([c in g.lower().split() for g, c in zip(captions, colours)]),
+        # the true colour is among the colours the caption names (words, so "green," counts)
+        "captioning_colour": _rate([c in named_attributes(g)[0] for g, c in zip(captions, colours)]),
+        "captioning_shape": _rate([s in named_attributes(g)[1] for g, s in zip(captions, shapes)]),
         "captioning_exact": _rate([g.strip() == r["caption"].strip() for g, r in zip(captions, records)]),
         "classifier_on_real": _rate([p.matches(c, s) for p, c, s in zip(real, colours, shapes)]),
         "classifier_on_vae_reconstructions": _rate([p.matches(c, s) for p, c, s in zip(recon_preds, colours, shapes)]),
@@ -194,6 +196,8 @@ def main(argv=None) -> int:
     ap.add_argument("--guidance", type=float, default=None, help="CFG scale (default diffusion.guidance_scale)")
     ap.add_argument("--sampler", choices=("dpm2", "ddim", "euler"), default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data", nargs="+", default=None,
+                    help="MDS stream(s): also measure condition reliance (mdm_dist/eval/conditioning.py) on 128 samples")
     args = ap.parse_args(argv)
 
     from mdm_dist.data.tokenizer import CaptionTokenizer
@@ -210,6 +214,15 @@ def main(argv=None) -> int:
     images = heldout_images(Path(args.corpus), records, cfg.vae.image_size)
     quality, outputs = evaluate(model, vae, tok, records, images, args.steps, args.guidance, args.sampler, args.seed)
     quality["weights"] = args.weights
+    if args.data:
+        from mdm_dist.data.loader import MDMCollator, build_dataset, build_loader, prepare_streaming_env
+        from mdm_dist.eval.conditioning import condition_reliance
+
+        prepare_streaming_env()
+        ds = build_dataset(args.data, batch_size=128, shuffle=True, seed=1234)
+        batch = next(iter(build_loader(ds, 128, MDMCollator(cfg.vae.max_text_len, cfg.vae.pad_id))))
+        quality["condition_reliance"] = condition_reliance(model, cfg, batch)
+        del ds
     write_outputs(Path(args.out), records, quality, outputs)
     print(json.dumps({k: v for k, v in quality.items() if k != "timings"}, indent=1))
     print(f"wrote text_to_image.png, image_to_text.png, captions.json/.md, quality.json to {args.out}")

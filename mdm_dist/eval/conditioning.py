@@ -1,0 +1,84 @@
+"""Does the model use its condition? The training loss with the true condition vs a shuffled one.
+
+    python -m mdm_dist.eval.conditioning --export RUN/export --data data/mds [--num 128]
+
+For ``i2t`` the text loss is computed twice on the same batch, noise and times: once with each
+sample's own image as the condition, once with the images rolled by one sample (every caption
+paired with another sample's image); for ``t2i`` the same with the captions rolled. The ratio
+shuffled / true is 1.00 for a model that ignores its condition and grows as it learns to use it
+(the demo's diagnosis in benchmarks/demo_results.md used this). Times are fixed at
+``--times`` (default 0.3 and 0.7) and the figure is the mean over them.
+
+Prints one JSON object: ``{"i2t": {"true": ..., "shuffled": ..., "ratio": ...}, "t2i": {...}}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+
+@torch.no_grad()
+def condition_reliance(model, cfg, batch: dict, times: tuple[float, ...] = (0.3, 0.7), seed: int = 0) -> dict:
+    """{task: {"true", "shuffled", "ratio"}} for i2t (text loss, images rolled) and t2i (image
+    loss, captions rolled), averaged over ``times``; the same random draws in both passes."""
+    from mdm_dist.diffusion.objectives import mdm_loss
+
+    b = batch["ids"].shape[0]
+    if b < 2:
+        raise ValueError("condition_reliance needs a batch of at least 2 samples (it pairs each with another)")
+    perm = torch.roll(torch.arange(b), 1)
+    was_training = model.training
+    model.eval()
+    out = {}
+    for task, term in (("i2t", "se_txt"), ("t2i", "se_img")):
+        res = []
+        for shuffled in (False, True):
+            bb = dict(batch)
+            if shuffled and task == "i2t":
+                bb["img_mu"], bb["img_logvar"] = batch["img_mu"][perm], batch["img_logvar"][perm]
+            elif shuffled:
+                bb["ids"] = batch["ids"][perm]
+            total = 0.0
+            for t in times:
+                fixed = {"task": task, "drop": torch.zeros(b, dtype=torch.bool),
+                         "t_txt": torch.full((b,), t), "t_img": torch.full((b,), t)}
+                terms = mdm_loss(model, bb, cfg, generator=torch.Generator().manual_seed(seed), fixed=fixed)
+                total += float(terms[term])
+            res.append(total / len(times))
+        out[task] = {"true": res[0], "shuffled": res[1], "ratio": res[1] / res[0] if res[0] > 0 else float("nan")}
+    model.train(was_training)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--export", required=True, help="export folder of launch/pretrain.py (RUN_DIR/export)")
+    ap.add_argument("--data", required=True, nargs="+", help="MDS stream folder(s) to draw the batch from")
+    ap.add_argument("--num", type=int, default=128, help="samples in the batch (default 128)")
+    ap.add_argument("--weights", choices=("raw", "ema"), default="raw")
+    ap.add_argument("--times", type=float, nargs="+", default=[0.3, 0.7])
+    args = ap.parse_args(argv)
+
+    from mdm_dist.data.loader import MDMCollator, build_dataset, build_loader, prepare_streaming_env
+    from mdm_dist.eval.heldout import load_mdm
+
+    try:
+        model, cfg = load_mdm(Path(args.export), args.weights)
+        prepare_streaming_env()
+        ds = build_dataset(args.data, batch_size=args.num, shuffle=True, seed=1234)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"conditioning: error: {e}", file=sys.stderr)
+        return 2
+    batch = next(iter(build_loader(ds, args.num, MDMCollator(cfg.vae.max_text_len, cfg.vae.pad_id))))
+    print(json.dumps(condition_reliance(model, cfg, batch, tuple(args.times)), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -28,7 +28,7 @@ class Reader(Blind):
     """Each output also sees the other modality's mean latent."""
 
     def forward(self, txt, img, t_txt, t_img, category):
-        return self.t(txt + img.mean(1, keepdim=True)), self.i(img + txt.mean(1, keepdim=True))
+        return self.t(txt + 5 * img.mean(1, keepdim=True)), self.i(img + 5 * txt.mean(1, keepdim=True))
 
 
 def test_ratio_is_one_when_the_condition_is_ignored_and_not_when_read():

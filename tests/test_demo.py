@@ -95,3 +95,20 @@ def test_quick_demo_rerun_skips_every_stage(quick_demo):
     after = json.loads((out / "demo_report.json").read_text())
     assert after["stage_timings_s"]["pretrain"] == before["stage_timings_s"]["pretrain"]
     assert after["quality"]["classifier_on_real"] == before["quality"]["classifier_on_real"]
+
+
+def test_conditioning_probe_on_the_quick_demo(quick_demo):
+    """benchmarks/conditioning_probe.py on the quick demo's MDS and VAE: report lines with the
+    ratios, and the held-out figures in range."""
+    out, _ = quick_demo
+    p = subprocess.run([sys.executable, "benchmarks/conditioning_probe.py", "--data", str(out / "mds"),
+                        "--vae", str(out / "vae" / "vae.pt"), "--corpus", str(out / "corpus"),
+                        "--tokenizer", str(out / "tokenizer"), "--steps", "2", "--every", "1", "--batch", "4",
+                        "--num-eval", "4", "--set", "diffusion.sample_steps=2"],
+                       cwd=ROOT, env=_env(out), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
+    assert [r["step"] for r in rows[:-1]] == [1, 2]
+    for r in rows[:-1]:
+        assert r["i2t_loss"] > 0 and r["t2i_loss"] > 0 and r["i2t_ratio"] > 0 and r["t2i_ratio"] > 0
+    assert all(0.0 <= v <= 1.0 for v in rows[-1]["heldout"].values())

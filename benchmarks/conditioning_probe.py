@@ -48,9 +48,9 @@ def main(argv=None) -> int:
         ap.error("--corpus needs --tokenizer")
 
     from mdm_dist.config import ConfigError, load_config
-    from mdm_dist.data.loader import MDMCollator, build_dataset, build_loader, prepare_streaming_env
+    from mdm_dist.data.loader import MDMCollator, build_dataset, build_loader
     from mdm_dist.diffusion import mdm_loss
-    from mdm_dist.eval.conditioning import condition_reliance
+    from mdm_dist.eval.conditioning import condition_reliance, probe_batch
     from mdm_dist.models.mdm import build_model
     from mdm_dist.train.engine import load_pretrained_vae
 
@@ -66,12 +66,9 @@ def main(argv=None) -> int:
     model.vae.freeze_for_pretraining()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=tuple(cfg.train.betas), weight_decay=0.0)
-    prepare_streaming_env()
+    fixed_batch = probe_batch(args.data, cfg, 128, seed=args.seed + 99)  # also prepares streaming
     coll = MDMCollator(cfg.vae.max_text_len, cfg.vae.pad_id)
     ds = build_dataset(args.data, batch_size=args.batch, shuffle=True, seed=args.seed + 1)
-    probe_ds = build_dataset(args.data, batch_size=128, shuffle=True, seed=args.seed + 99)
-    probe_batch = next(iter(build_loader(probe_ds, 128, coll)))
-    del probe_ds
 
     g = torch.Generator().manual_seed(args.seed)
     step, t0 = 0, time.time()
@@ -84,7 +81,7 @@ def main(argv=None) -> int:
             opt.step()
             step += 1
             if step % args.every == 0 or step == args.steps:
-                r = condition_reliance(model, cfg, probe_batch)
+                r = condition_reliance(model, cfg, fixed_batch)
                 print(json.dumps({"step": step, "seconds": round(time.time() - t0, 1),
                                   **{f"{k}_loss": round(v["true"], 4) for k, v in r.items()},
                                   **{f"{k}_ratio": round(v["ratio"], 3) for k, v in r.items()}}), flush=True)

@@ -66,6 +66,21 @@ def _reference_losses(cfg, batch, steps):
     return losses
 
 
+def _engine_losses(engine, cfg, batch, dp_rank, world, steps):
+    """``steps`` DeepSpeed steps on this data rank's slice of ``batch``; the loss of each step
+    averaged over the world (float32)."""
+    micro = cfg.train.micro_batch_size
+    local = [x[dp_rank * micro: (dp_rank + 1) * micro] for x in batch]
+    losses = []
+    for _ in range(steps):
+        loss = engine(*local)
+        engine.backward(loss)
+        engine.step()
+        dist.all_reduce(loss := loss.detach().float().clone())
+        losses.append(loss.item() / world)
+    return losses
+
+
 def _zero_losses(cfg, batch, world, steps, ac="none", sp=1):
     import deepspeed
 
@@ -84,15 +99,7 @@ def _zero_losses(cfg, batch, world, steps, ac="none", sp=1):
     apply_sequence_parallel(mdm, groups.sp_group)
     model = LossModel(mdm)
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=LR), config=ds)
-    micro = cfg.train.micro_batch_size
-    local = [x[groups.dp_rank * micro: (groups.dp_rank + 1) * micro] for x in batch]
-    losses = []
-    for _ in range(steps):
-        loss = engine(*local)
-        engine.backward(loss)
-        engine.step()
-        dist.all_reduce(loss := loss.detach().clone())
-        losses.append(loss.item() / world)
+    losses = _engine_losses(engine, cfg, batch, groups.dp_rank, world, steps)
     return losses
 
 
@@ -175,15 +182,7 @@ def _autocast_worker(rank, world):
     assert all(p.ds_tensor.dtype == torch.float32 for p in mdm.parameters())
     assert getattr(mixer.in_proj.weight, "comm_dtype", None) == torch.bfloat16
     assert not hasattr(mixer.A_log, "comm_dtype")
-    micro = cfg.train.micro_batch_size
-    local = [x[groups.dp_rank * micro: (groups.dp_rank + 1) * micro] for x in batch]
-    losses = []
-    for _ in range(STEPS):
-        loss = engine(*local)
-        engine.backward(loss)
-        engine.step()
-        dist.all_reduce(loss := loss.detach().float().clone())
-        losses.append(loss.item() / world)
+    losses = _engine_losses(engine, cfg, batch, groups.dp_rank, world, STEPS)
     assert seen["in_proj"] == torch.bfloat16  # the matmuls ran in bf16
     assert all(p.ds_tensor.dtype == torch.float32 for p in mdm.parameters())
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref), rtol=5e-2, atol=1e-2)

@@ -220,6 +220,19 @@ def test_export_and_sample_script(work, reference):
 # ----------------------------------------------------------------------------------------------
 
 
+def _start_until_steps(tmp, run, data, args, n, ranks=1):
+    """Start a pretraining run in the background and return once it has logged ``n`` steps
+    (or after 120 s); the caller signals and reaps the process."""
+    proc = subprocess.Popen(pretrain_cmd(run, data, args, ranks=ranks), env=_env(tmp), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if (run / "metrics.jsonl").is_file() and len((run / "metrics.jsonl").read_text().splitlines()) >= n:
+            break
+        time.sleep(0.05)
+    return proc
+
+
 def test_sigterm_saves_exits_0_and_resume_matches_uninterrupted(work):
     tmp, steps = work["tmp"], 24
     args = ["train.max_steps=%d" % steps, "train.sample_every=0"]
@@ -227,13 +240,7 @@ def test_sigterm_saves_exits_0_and_resume_matches_uninterrupted(work):
     run_pretrain(tmp, full, work["data"], args)
 
     run = tmp / "preempted"
-    proc = subprocess.Popen(pretrain_cmd(run, work["data"], args), env=_env(tmp), cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if (run / "metrics.jsonl").is_file() and len((run / "metrics.jsonl").read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.05)
+    proc = _start_until_steps(tmp, run, work["data"], args, 3)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-3000:]
@@ -282,13 +289,7 @@ def test_sigterm_to_one_of_two_ranks_stops_both_at_the_same_step(work):
     tmp, steps = work["tmp"], 12
     args = ["train.max_steps=%d" % steps]
     run = tmp / "preempted_two"
-    proc = subprocess.Popen(pretrain_cmd(run, work["data"], args, ranks=2), env=_env(tmp), cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if (run / "metrics.jsonl").is_file() and len((run / "metrics.jsonl").read_text().splitlines()) >= 2:
-            break
-        time.sleep(0.05)
+    proc = _start_until_steps(tmp, run, work["data"], args, 2, ranks=2)
     ranks = [c for c in psutil.Process(proc.pid).children(recursive=True) if "--local_rank=1" in " ".join(c.cmdline())]
     assert len(ranks) == 1
     ranks[0].send_signal(signal.SIGTERM)

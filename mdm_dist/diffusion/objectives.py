@@ -88,11 +88,7 @@ def score_entropy_absorbing(
     dtype = torch.promote_types(log_scores.dtype, torch.float32)
     s = log_scores.to(dtype)
     masked = xt == mask_id
-    # sigma = 0 (nothing masked) would give r = inf, and inf in an unselected branch of a
-    # torch.where still poisons the gradient; substitute 1 there (its value is discarded).
-    sig = sigma.to(dtype)
-    sig = torch.where(sig > 0, sig, torch.ones_like(sig))[:, None]  # (B, 1)
-    log_r = -torch.log(torch.expm1(sig))
+    log_r = _log_r(sigma, dtype)[:, None]  # (B, 1)
     r = torch.exp(log_r)
     mask_col = torch.zeros(s.shape[-1], dtype=torch.bool, device=s.device)
     mask_col[mask_id] = True
@@ -103,19 +99,24 @@ def score_entropy_absorbing(
     return torch.where(masked, loss, torch.zeros_like(loss))
 
 
+def _log_r(sigma: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """log r = -log expm1(sigma) per sample. sigma = 0 (nothing masked) would give r = inf, and
+    inf in an unselected branch of a torch.where still poisons the gradient; such samples get
+    sigma = 1 instead (their value is never used: no position of theirs is scored)."""
+    sig = sigma.to(dtype)
+    return -torch.log(torch.expm1(torch.where(sig > 0, sig, torch.ones_like(sig))))
+
+
 def absorbing_log_scores(logits: torch.Tensor, sigma: torch.Tensor, mask_id: int) -> torch.Tensor:
     """The ``conditional`` log-scores: log_softmax over y != MASK of ``logits`` plus log r(sigma),
     r = 1 / expm1(sigma), per sample (the MASK column is -inf). ``sigma`` (B,); samples with
-    sigma = 0 (nothing masked: their scores are never used) get log r = 0. In float32 or wider."""
+    sigma = 0 get a finite placeholder (see :func:`_log_r`). In float32 or wider."""
     dtype = torch.promote_types(logits.dtype, torch.float32)
     s = logits.to(dtype)
     mask_col = torch.zeros(s.shape[-1], dtype=torch.bool, device=s.device)
     mask_col[mask_id] = True
     logp = torch.log_softmax(s.masked_fill(mask_col, float("-inf")), dim=-1)
-    sig = sigma.to(dtype)
-    log_r = torch.where(sig > 0, -torch.log(torch.expm1(torch.where(sig > 0, sig, torch.ones_like(sig)))),
-                        torch.zeros_like(sig))
-    return logp + log_r.view(-1, *([1] * (s.dim() - 1)))
+    return logp + _log_r(sigma, dtype).view(-1, *([1] * (s.dim() - 1)))
 
 
 # ----------------------------------------------------------------------------------------------

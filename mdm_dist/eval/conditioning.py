@@ -55,6 +55,18 @@ def condition_reliance(model, cfg, batch: dict, times: tuple[float, ...] = (0.3,
     return out
 
 
+def probe_batch(paths, cfg, num: int = 128, seed: int = 1234) -> dict:
+    """A fixed batch of ``num`` samples drawn from the MDS stream(s) ``paths`` (shuffled with
+    ``seed``), collated for ``cfg``; the dataset is released before returning."""
+    from mdm_dist.data.loader import MDMCollator, build_dataset, build_loader, prepare_streaming_env
+
+    prepare_streaming_env()
+    ds = build_dataset(paths, batch_size=num, shuffle=True, seed=seed)
+    batch = next(iter(build_loader(ds, num, MDMCollator(cfg.vae.max_text_len, cfg.vae.pad_id))))
+    del ds
+    return batch
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -65,17 +77,14 @@ def main(argv=None) -> int:
     ap.add_argument("--times", type=float, nargs="+", default=[0.3, 0.7])
     args = ap.parse_args(argv)
 
-    from mdm_dist.data.loader import MDMCollator, build_dataset, build_loader, prepare_streaming_env
     from mdm_dist.eval.heldout import load_mdm
 
     try:
         model, cfg = load_mdm(Path(args.export), args.weights)
-        prepare_streaming_env()
-        ds = build_dataset(args.data, batch_size=args.num, shuffle=True, seed=1234)
+        batch = probe_batch(args.data, cfg, args.num)
     except (FileNotFoundError, ValueError) as e:
         print(f"conditioning: error: {e}", file=sys.stderr)
         return 2
-    batch = next(iter(build_loader(ds, args.num, MDMCollator(cfg.vae.max_text_len, cfg.vae.pad_id))))
     print(json.dumps(condition_reliance(model, cfg, batch, tuple(args.times)), indent=1))
     return 0
 

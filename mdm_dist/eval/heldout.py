@@ -215,14 +215,9 @@ def main(argv=None) -> int:
     quality, outputs = evaluate(model, vae, tok, records, images, args.steps, args.guidance, args.sampler, args.seed)
     quality["weights"] = args.weights
     if args.data:
-        from mdm_dist.data.loader import MDMCollator, build_dataset, build_loader, prepare_streaming_env
-        from mdm_dist.eval.conditioning import condition_reliance
+        from mdm_dist.eval.conditioning import condition_reliance, probe_batch
 
-        prepare_streaming_env()
-        ds = build_dataset(args.data, batch_size=128, shuffle=True, seed=1234)
-        batch = next(iter(build_loader(ds, 128, MDMCollator(cfg.vae.max_text_len, cfg.vae.pad_id))))
-        quality["condition_reliance"] = condition_reliance(model, cfg, batch)
-        del ds
+        quality["condition_reliance"] = condition_reliance(model, cfg, probe_batch(args.data, cfg))
     write_outputs(Path(args.out), records, quality, outputs)
     print(json.dumps({k: v for k, v in quality.items() if k != "timings"}, indent=1))
     print(f"wrote text_to_image.png, image_to_text.png, captions.json/.md, quality.json to {args.out}")

@@ -41,6 +41,8 @@ def main(argv=None) -> int:
     ap.add_argument("--corpus", default=None, help="demo corpus: also score held-out t2i / i2t at the end")
     ap.add_argument("--tokenizer", default=None, help="tokenizer directory (with --corpus)")
     ap.add_argument("--num-eval", type=int, default=64)
+    ap.add_argument("--guidance", type=float, nargs="+", default=[None], metavar="W",
+                    help="classifier-free guidance scale(s) of the held-out sampling (default: the config's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
@@ -96,10 +98,11 @@ def main(argv=None) -> int:
         images = heldout_images(Path(args.corpus), records, cfg.vae.image_size)
         vae, _, _ = load_vae_checkpoint(args.vae)
         model.eval()
-        q, _ = evaluate(model, vae, CaptionTokenizer(args.tokenizer), records, images, None, None, None, args.seed)
         keys = ("text_to_image", "text_to_image_colour", "text_to_image_shape", "captioning", "captioning_colour",
                 "captioning_shape", "classifier_on_vae_reconstructions")
-        print(json.dumps({"heldout": {k: q[k] for k in keys}}), flush=True)
+        for w in args.guidance:
+            q, _ = evaluate(model, vae, CaptionTokenizer(args.tokenizer), records, images, None, w, None, args.seed)
+            print(json.dumps({"heldout": {"guidance": w, **{k: q[k] for k in keys}}}), flush=True)
     return 0
 
 

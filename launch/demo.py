@@ -2,6 +2,7 @@
 
     python launch/demo.py [--output outputs/demo] [--quick] [--print-commands] [--force STAGE ...]
         [--num-samples N] [--vae-steps N] [--steps N] [--num-eval N] [--sample-steps N] [--guidance W]
+        [--caption-guidance W]
 
 Stages, each one command of the repo (``--print-commands`` prints them all and runs nothing, so a
 user can run them by hand, one by one):
@@ -13,7 +14,8 @@ user can run them by hand, one by one):
 4. ``encode``    data_prep/encode_laion.py: the corpus as MDS shards of image-latent moments + ids
 5. ``pretrain``  deepspeed --num_accelerators 2 launch/pretrain.py --config configs/tiny.yaml:
                  2 CPU processes, ZeRO-3, sequence parallelism 2 (OMP_NUM_THREADS=1 each), the
-                 UnifiedVAE started from stage 3 (``train.vae_checkpoint``)
+                 UnifiedVAE started from stage 3 (``train.vae_checkpoint``), the ``cycle`` scan and
+                 one attention block (``--scan-mode``, ``--attention-every``)
 6. ``evaluate``  python -m mdm_dist.eval.heldout: text-to-image for held-out captions and captions
                  for held-out images, scored against the corpus's ground truth (mdm_dist/eval)
 7. ``report``    (in this script) loss curves from metrics.jsonl and demo_report.json
@@ -70,10 +72,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=None, help="MDM pretraining steps (default: configs/tiny.yaml)")
     ap.add_argument("--sample-steps", type=int, default=None, help="sampler steps (default: configs/tiny.yaml)")
     ap.add_argument("--guidance", type=float, default=None, help="CFG scale (default: configs/tiny.yaml)")
+    ap.add_argument("--caption-guidance", type=float, default=None,
+                    help="CFG scale of captioning only (default: configs/tiny.yaml)")
     ap.add_argument("--weights", choices=("raw", "ema"), default="raw", help="which exported weights sample (default raw)")
     ap.add_argument("--scan-mode", choices=("cycle", "multi"), default="cycle",
                     help="model.scan_mode for pretraining (default cycle: block i scans direction i mod 4, "
                          "DiM's layout, ~3x the samples/s of the paper's multi on 2 CPU cores)")
+    ap.add_argument("--attention-every", type=int, default=2,
+                    help="model.attention_every for pretraining (default 2: one attention block after Mamba "
+                         "block 2 of 4; 0 = pure Mamba, whose text-to-image ignored the caption: "
+                         "benchmarks/demo_results.md)")
     ap.add_argument("--config", default="configs/tiny.yaml")
     ap.add_argument("--vae-config", default="configs/vae_tiny.yaml")
     ap.add_argument("--nproc", type=int, default=2, help="pretraining processes (default 2 = sequence parallel 2)")
@@ -85,6 +93,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             setattr(args, key, QUICK[key] if args.quick else defaults.get(key))
         if getattr(args, key) is not None and getattr(args, key) <= 0:
             ap.error(f"--{key.replace('_', '-')} must be > 0")
+    if args.attention_every < 0:
+        ap.error("--attention-every must be >= 0 (0 = pure Mamba)")
     return args
 
 
@@ -98,8 +108,9 @@ def stage_commands(args, out: Path) -> list[tuple[str, Path, list[str] | None, d
     quick_sets = (["--set", "train.save_every=0", "--set", "train.log_every=1"] if args.quick else [])
     vae_sets = ["--set", f"train.max_steps={args.vae_steps}"] if args.vae_steps else []
     mdm_sets = ["--set", f"train.max_steps={args.steps}"] if args.steps else []
-    sample_flags = (["--steps", str(args.sample_steps)] if args.sample_steps else []) + \
-                   (["--guidance", str(args.guidance)] if args.guidance is not None else [])
+    sample_flags = ((["--steps", str(args.sample_steps)] if args.sample_steps else [])
+                    + (["--guidance", str(args.guidance)] if args.guidance is not None else [])
+                    + (["--caption-guidance", str(args.caption_guidance)] if args.caption_guidance is not None else []))
     if args.nproc > 1:  # a free port: two demos (or a demo and a test) may run side by side
         launcher = [str(Path(PY).parent / "deepspeed"), "--num_accelerators", str(args.nproc),
                     "--master_port", str(free_port())]
@@ -123,7 +134,8 @@ def stage_commands(args, out: Path) -> list[tuple[str, Path, list[str] | None, d
           "--set", f"data.tokenizer={tok.resolve()}",
           "--set", f"train.vae_checkpoint={(vae / 'vae.pt').resolve()}",
           "--set", f"train.seed={args.seed}", "--set", "train.sample_every=0",
-          "--set", f"model.scan_mode={args.scan_mode}", *mdm_sets, *quick_sets],
+          "--set", f"model.scan_mode={args.scan_mode}", "--set", f"model.attention_every={args.attention_every}",
+          *mdm_sets, *quick_sets],
          ONE),
         ("evaluate", out / "quality.json",
          [PY, "-m", "mdm_dist.eval.heldout", "--export", str(run / "export"), "--vae", str(vae / "vae.pt"),
@@ -225,7 +237,8 @@ def write_report(args, out: Path, timings: dict) -> dict:
                                             "num_prompts", "spec_seen_in_train")},
         # loss with shuffled / true conditions on 128 training samples (1.00 = condition ignored)
         "condition_reliance": quality.get("condition_reliance"),
-        "sampling": {k: quality.get(k) for k in ("sampler", "sample_steps", "guidance_scale", "weights", "timings")},
+        "sampling": {k: quality.get(k) for k in ("sampler", "sample_steps", "guidance_scale",
+                                                "caption_guidance_scale", "weights", "timings")},
         "targets": TARGETS,
         "met": {
             "text_to_image": quality["text_to_image"] >= TARGETS["text_to_image"],

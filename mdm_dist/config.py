@@ -129,6 +129,7 @@ class DiffusionConfig:
     sampler: Literal["dpm2", "ddim"] = "dpm2"
     sample_steps: int = 50
     guidance_scale: float = 1.0
+    caption_guidance_scale: float | None = None  # i2t's scale; None: guidance_scale
 
 
 @dataclass
@@ -218,6 +219,10 @@ def _type_name(tp: Any) -> str:
 
 def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
     origin = get_origin(tp)
+    args = get_args(tp)
+    if type(None) in args and len(args) == 2:  # optional: null, or the inner type
+        inner = next(a for a in args if a is not type(None))
+        return None if value is None else _coerce(value, inner, key, where)
     if origin is Literal:
         allowed = get_args(tp)
         if value not in allowed:

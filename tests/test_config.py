@@ -71,6 +71,15 @@ def test_overrides_apply_and_parse_yaml_values():
     assert cfg.diffusion.objective == "ddpm"
 
 
+def test_optional_key_takes_null_or_its_type(tmp_path):
+    assert load_config(None).diffusion.caption_guidance_scale is None
+    assert load_config(None, ["diffusion.caption_guidance_scale=2"]).diffusion.caption_guidance_scale == 2.0
+    assert load_config(None, ["diffusion.caption_guidance_scale=2", "diffusion.caption_guidance_scale=null"]
+                       ).diffusion.caption_guidance_scale is None
+    with pytest.raises(ConfigError, match=r"'diffusion.caption_guidance_scale' must be a number, got 'high'"):
+        load_config(_write(tmp_path, "diffusion:\n  caption_guidance_scale: high\n"))
+
+
 def test_override_errors():
     with pytest.raises(ConfigError, match=r"--set train.lrr=1.*unknown key 'train.lrr'.*allowed keys in 'train': lr"):
         load_config(None, ["train.lrr=1"])

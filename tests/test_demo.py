@@ -39,6 +39,12 @@ def test_print_commands_lists_every_stage(tmp_path):
                    "mdm_dist.eval.heldout"):
         assert needle in text, needle
     assert not (tmp_path / "demo").exists()  # printing runs nothing
+    pretrain = next(line for line in text.splitlines() if "launch/pretrain.py" in line)
+    assert "model.attention_every=2" in pretrain and "model.scan_mode=cycle" in pretrain
+    p = _demo(tmp_path / "demo", "--print-commands", "--attention-every", "0", "--caption-guidance", "1.5")
+    assert "model.attention_every=0" in p.stdout and "--caption-guidance 1.5" in p.stdout
+    bad = _demo(tmp_path / "demo", "--print-commands", "--attention-every", "-1")
+    assert bad.returncode == 2 and "--attention-every must be >= 0" in bad.stderr
 
 
 @pytest.fixture(scope="module")

@@ -287,6 +287,29 @@ def test_cfg():
     assert frac_low > 0.5 and float((ref["ids"] == 0).float().mean()) < 0.1
 
 
+def test_caption_guidance_scale_applies_to_i2t_only():
+    """diffusion.caption_guidance_scale is i2t's default scale; t2i keeps guidance_scale."""
+    img = torch.zeros(256, 3, 4, 4)
+    cat = torch.full((256,), 2)
+
+    def i2t_ids(model, **kw):
+        return sample(model, "i2t", images=img, category=cat, steps=2,
+                      generator=torch.Generator().manual_seed(0), **kw)["ids"]
+
+    cfg, vp, model = gaussian_setup()
+    explicit = i2t_ids(model, guidance_scale=3.0)
+    plain = i2t_ids(model)
+    cfg_c = stub_cfg("diffusion.caption_guidance_scale=3.0")
+    model_c = StubMDM(cfg_c, GaussianOracle(vp, 0.7, 0.5))
+    assert torch.equal(i2t_ids(model_c), explicit) and not torch.equal(explicit, plain)
+    assert torch.equal(i2t_ids(model_c, guidance_scale=1.0), plain)  # an explicit scale wins
+    # t2i under the caption scale is the plain t2i (w = 1: one backbone call per dpm2 stage)
+    model_c.backbone.calls = 0
+    out = t2i(model_c, 16, 5, "dpm2", category=torch.full((16,), 2))
+    assert model_c.backbone.calls == 10
+    assert torch.equal(out["images"], t2i(model, 16, 5, "dpm2", category=torch.full((16,), 2))["images"])
+
+
 def test_errors():
     cfg, vp, model = gaussian_setup()
     with pytest.raises(ValueError, match="joint, t2i, i2t"):

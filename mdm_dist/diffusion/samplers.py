@@ -49,6 +49,14 @@ from mdm_dist.diffusion.schedules import VPSchedule, from_config
 SAMPLERS = ("dpm2", "ddim", "euler")
 
 
+def default_guidance(d, mode: str) -> float:
+    """The config's guidance scale for ``mode``: ``caption_guidance_scale`` for i2t when it is
+    set (captioning and text-to-image often want different scales), else ``guidance_scale``."""
+    if mode == "i2t" and d.caption_guidance_scale is not None:
+        return float(d.caption_guidance_scale)
+    return float(d.guidance_scale)
+
+
 def guide(cond: torch.Tensor, uncond: torch.Tensor, w: float) -> torch.Tensor:
     """Classifier-free guidance: uncond + w (cond - uncond)."""
     return uncond + w * (cond - uncond)
@@ -123,7 +131,8 @@ def sample(
             or ``img_latents`` (B, N, d_z) clean image latents).
         category: (B,) long, an int for all, or None (class 0).
         steps, sampler (``dpm2`` | ``ddim`` | ``euler``), guidance_scale: default to
-            ``cfg.diffusion.sample_steps``, ``.sampler``, ``.guidance_scale``.
+            ``cfg.diffusion.sample_steps``, ``.sampler``, ``.guidance_scale`` (for ``i2t``:
+            ``.caption_guidance_scale`` when it is set).
         generator: a torch.Generator on the model's device for reproducible samples.
 
     Returns:
@@ -143,7 +152,7 @@ def sample(
     steps = d.sample_steps if steps is None else int(steps)
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    w = d.guidance_scale if guidance_scale is None else float(guidance_scale)
+    w = float(guidance_scale) if guidance_scale is not None else default_guidance(d, mode)
     if mode == "t2i" and ids is None:
         raise ValueError("sample(mode='t2i') needs ids (B, L): the text condition")
     if mode == "i2t" and images is None and img_latents is None:

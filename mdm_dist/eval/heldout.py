@@ -1,7 +1,7 @@
 """Sample a pretrained MDM on the demo corpus's held-out set and score it against the ground truth.
 
     python -m mdm_dist.eval.heldout --export RUN/export --vae VAE_DIR/vae.pt \
-        --tokenizer TOKENIZER_DIR --corpus CORPUS_DIR --out OUT [--num 96] [--steps N] [--guidance W]
+        --tokenizer TOKENIZER_DIR --corpus CORPUS_DIR --out OUT [--num 96] [--steps N] [--guidance W] [--caption-guidance W]
 
 Held-out set: ``CORPUS/eval.jsonl`` (data_prep/make_demo_data.py: captions and ground truth of
 scenes whose keys are never in the training shards). Its images are re-drawn from their random
@@ -103,14 +103,22 @@ def _rate(flags: list[bool]) -> float:
 
 @torch.no_grad()
 def evaluate(model, vae, tok, records: list[dict], images: np.ndarray, steps: int | None, guidance: float | None,
-             sampler: str | None, seed: int = 0) -> tuple[dict, dict]:
-    """(quality figures, per-sample outputs) of t2i and i2t on the held-out set."""
+             sampler: str | None, seed: int = 0, caption_guidance: float | None = None) -> tuple[dict, dict]:
+    """(quality figures, per-sample outputs) of t2i and i2t on the held-out set.
+
+    ``guidance``: the CFG scale of both modes (None: the config's, per mode);
+    ``caption_guidance``: the i2t scale when it differs (None: ``guidance``)."""
+    from mdm_dist.diffusion.samplers import default_guidance
+
     from mdm_dist.data.raw import to_tensor_range
     from mdm_dist.diffusion import sample
 
     cfg = model.cfg
     L = cfg.vae.max_text_len
-    kw = dict(steps=steps, guidance_scale=guidance, sampler=sampler)
+    d = cfg.diffusion
+    w_t2i = default_guidance(d, "t2i") if guidance is None else float(guidance)
+    w_i2t = next(float(w) for w in (caption_guidance, guidance, default_guidance(d, "i2t")) if w is not None)
+    kw = dict(steps=steps, sampler=sampler)
     colours = [r["colour"] for r in records]
     shapes = [r["shape"] for r in records]
     x = to_tensor_range(images)
@@ -118,14 +126,15 @@ def evaluate(model, vae, tok, records: list[dict], images: np.ndarray, steps: in
 
     t0 = time.time()
     ids = torch.from_numpy(np.stack([tok.encode_fixed(r["caption"], L) for r in records])).long()
-    t2i = sample(model, "t2i", ids=ids, generator=torch.Generator().manual_seed(seed), **kw)
+    t2i = sample(model, "t2i", ids=ids, guidance_scale=w_t2i, generator=torch.Generator().manual_seed(seed), **kw)
     gen_images = vae.decode_image(t2i["img_latents"].float()).clamp(-1, 1)
     times["t2i_s"] = time.time() - t0
     preds = classify_batch(gen_images)
 
     t0 = time.time()
     mu, _ = vae.encode_image(x)
-    i2t = sample(model, "i2t", img_latents=mu, generator=torch.Generator().manual_seed(seed + 1), **kw)
+    i2t = sample(model, "i2t", img_latents=mu, guidance_scale=w_i2t, generator=torch.Generator().manual_seed(seed + 1),
+                 **kw)
     captions = [tok.decode([int(i) for i in row]) for row in i2t["ids"]]
     times["i2t_s"] = time.time() - t0
 
@@ -150,7 +159,8 @@ def evaluate(model, vae, tok, records: list[dict], images: np.ndarray, steps: in
         "spec_seen_in_train": _rate([bool(r.get("spec_in_train")) for r in records]),
         "sampler": sampler or cfg.diffusion.sampler,
         "sample_steps": steps or cfg.diffusion.sample_steps,
-        "guidance_scale": cfg.diffusion.guidance_scale if guidance is None else guidance,
+        "guidance_scale": w_t2i,
+        "caption_guidance_scale": w_i2t,
         "timings": times,
     }
     outputs = {"gen_images": gen_images, "real_images": x, "preds": preds, "captions": captions,
@@ -193,7 +203,10 @@ def main(argv=None) -> int:
     ap.add_argument("--num", type=int, default=96, help="held-out samples to score (default 96)")
     ap.add_argument("--weights", choices=("raw", "ema"), default="raw")
     ap.add_argument("--steps", type=int, default=None, help="sampler steps (default diffusion.sample_steps)")
-    ap.add_argument("--guidance", type=float, default=None, help="CFG scale (default diffusion.guidance_scale)")
+    ap.add_argument("--guidance", type=float, default=None,
+                    help="CFG scale of both modes (default: diffusion.guidance_scale, and for captioning "
+                         "diffusion.caption_guidance_scale when set)")
+    ap.add_argument("--caption-guidance", type=float, default=None, help="CFG scale of captioning only")
     ap.add_argument("--sampler", choices=("dpm2", "ddim", "euler"), default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data", nargs="+", default=None,
@@ -212,7 +225,8 @@ def main(argv=None) -> int:
         print(f"heldout: error: {e}", file=sys.stderr)
         return 2
     images = heldout_images(Path(args.corpus), records, cfg.vae.image_size)
-    quality, outputs = evaluate(model, vae, tok, records, images, args.steps, args.guidance, args.sampler, args.seed)
+    quality, outputs = evaluate(model, vae, tok, records, images, args.steps, args.guidance, args.sampler, args.seed,
+                                caption_guidance=args.caption_guidance)
     quality["weights"] = args.weights
     if args.data:
         from mdm_dist.eval.conditioning import condition_reliance, probe_batch

@@ -27,7 +27,7 @@ streams to the console. The output folder receives, beside the stage folders:
 ``loss_curves.png`` and ``demo_report.json`` (stage timings, quality figures, targets, met or not).
 
 ``--quick`` is a shortened run (small corpus, few steps: minutes, for CI); its quality figures
-mean nothing. The defaults are the full demo (about 14 minutes on 2 shared cores); the training lengths
+mean nothing. The defaults are the full demo (about 18 minutes on 2 cores); the training lengths
 live in configs/tiny.yaml and configs/vae_tiny.yaml, the corpus size and sampling here.
 """
 

@@ -102,7 +102,8 @@ def main(argv=None) -> int:
                 "captioning_shape", "classifier_on_vae_reconstructions")
         for w in args.guidance:
             q, _ = evaluate(model, vae, CaptionTokenizer(args.tokenizer), records, images, None, w, None, args.seed)
-            print(json.dumps({"heldout": {"guidance": w, **{k: q[k] for k in keys}}}), flush=True)
+            scales = {k: q[k] for k in ("guidance_scale", "caption_guidance_scale")}  # as sampled
+            print(json.dumps({"heldout": {**scales, **{k: q[k] for k in keys}}}), flush=True)
     return 0
 
 

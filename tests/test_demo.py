@@ -117,4 +117,7 @@ def test_conditioning_probe_on_the_quick_demo(quick_demo):
     assert [r["step"] for r in rows[:-1]] == [1, 2]
     for r in rows[:-1]:
         assert r["i2t_loss"] > 0 and r["t2i_loss"] > 0 and r["i2t_ratio"] > 0 and r["t2i_ratio"] > 0
-    assert all(0.0 <= v <= 1.0 for v in rows[-1]["heldout"].values())
+    held = rows[-1]["heldout"]
+    # configs/tiny.yaml's scales: 2 for text-to-image, 1 for captioning
+    assert (held.pop("guidance_scale"), held.pop("caption_guidance_scale")) == (2.0, 1.0)
+    assert all(0.0 <= v <= 1.0 for v in held.values())

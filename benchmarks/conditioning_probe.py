@@ -49,10 +49,15 @@ def main(argv=None) -> int:
     if args.corpus and not args.tokenizer:
         ap.error("--corpus needs --tokenizer")
 
+    # every import and every input of the held-out scoring up front: a bad path fails now, not
+    # after the training loop
     from mdm_dist.config import ConfigError, load_config
     from mdm_dist.data.loader import MDMCollator, build_dataset, build_loader
+    from mdm_dist.data.tokenizer import CaptionTokenizer
+    from mdm_dist.data.vae_checkpoint import load_vae_checkpoint
     from mdm_dist.diffusion import mdm_loss
     from mdm_dist.eval.conditioning import condition_reliance, probe_batch
+    from mdm_dist.eval.heldout import evaluate, heldout_images, heldout_records
     from mdm_dist.models.mdm import build_model
     from mdm_dist.train.engine import load_pretrained_vae
 
@@ -62,6 +67,11 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, args.set)
         model = build_model(cfg)
         load_pretrained_vae(model, args.vae, cfg)
+        if args.corpus:
+            tok = CaptionTokenizer(args.tokenizer)
+            vae, _, _ = load_vae_checkpoint(args.vae)
+            records = heldout_records(Path(args.corpus), args.num_eval)
+            images = heldout_images(Path(args.corpus), records, cfg.vae.image_size)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"conditioning_probe: error: {e}", file=sys.stderr)
         return 2
@@ -90,20 +100,13 @@ def main(argv=None) -> int:
             if step >= args.steps:
                 break
     if args.corpus:
-        from mdm_dist.data.tokenizer import CaptionTokenizer
-        from mdm_dist.data.vae_checkpoint import load_vae_checkpoint
-        from mdm_dist.eval.heldout import evaluate, heldout_images, heldout_records
-
-        records = heldout_records(Path(args.corpus), args.num_eval)
-        images = heldout_images(Path(args.corpus), records, cfg.vae.image_size)
-        vae, _, _ = load_vae_checkpoint(args.vae)
         model.eval()
-        keys = ("text_to_image", "text_to_image_colour", "text_to_image_shape", "captioning", "captioning_colour",
+        keys = ("guidance_scale", "caption_guidance_scale",  # the scales as sampled
+                "text_to_image", "text_to_image_colour", "text_to_image_shape", "captioning", "captioning_colour",
                 "captioning_shape", "classifier_on_vae_reconstructions")
         for w in args.guidance:
-            q, _ = evaluate(model, vae, CaptionTokenizer(args.tokenizer), records, images, None, w, None, args.seed)
-            scales = {k: q[k] for k in ("guidance_scale", "caption_guidance_scale")}  # as sampled
-            print(json.dumps({"heldout": {**scales, **{k: q[k] for k in keys}}}), flush=True)
+            q, _ = evaluate(model, vae, tok, records, images, None, w, None, args.seed)
+            print(json.dumps({"heldout": {k: q[k] for k in keys}}), flush=True)
     return 0
 
 

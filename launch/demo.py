@@ -71,7 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--vae-steps", type=int, default=None, help="VAE steps (default: configs/vae_tiny.yaml)")
     ap.add_argument("--steps", type=int, default=None, help="MDM pretraining steps (default: configs/tiny.yaml)")
     ap.add_argument("--sample-steps", type=int, default=None, help="sampler steps (default: configs/tiny.yaml)")
-    ap.add_argument("--guidance", type=float, default=None, help="CFG scale (default: configs/tiny.yaml)")
+    ap.add_argument("--guidance", type=float, default=None,
+                    help="CFG scale of both modes unless --caption-guidance is given (default: configs/tiny.yaml)")
     ap.add_argument("--caption-guidance", type=float, default=None,
                     help="CFG scale of captioning only (default: configs/tiny.yaml)")
     ap.add_argument("--weights", choices=("raw", "ema"), default="raw", help="which exported weights sample (default raw)")

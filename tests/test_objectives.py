@@ -345,7 +345,8 @@ def test_v_prediction_image_term(weighting):
         per = (v_hat.double() - v).square().mean((1, 2))
     else:
         eps_hat = a * v_hat.double() + sg * z_t.double()
-        per = dsm_image_weight(t, vp, "elbo", cfg.diffusion.max_image_weight).double() * (eps_hat - eps.double()).square().mean((1, 2))
+        w = dsm_image_weight(t, vp, "elbo", cfg.diffusion.max_image_weight).double()
+        per = w * (eps_hat - eps.double()).square().mean((1, 2))
     torch.testing.assert_close(out["se_img"].double(), per.mean(), rtol=1e-4, atol=1e-6)
 
 

@@ -373,16 +373,18 @@ def mdm_loss(
         a_i = vp.alpha_bar(t_img.double()).sqrt().float()[:, None, None]
         s_i = vp.sigma(t_img.double()).float()[:, None, None]
         v_target = a_i * eps_img.float() - s_i * z0_img.detach().float()
-        v_mse = (img_out.float() - v_target).square().mean(dim=(1, 2))
-        if d.objective == "ddpm" or d.image_weighting == "v":
-            mse = v_mse  # = eps-MSE / abar, without dividing by abar -> 0
-        else:  # eps_hat = a v_hat + s z_t, so ||eps_hat - eps||^2 = abar ||v_hat - v||^2
-            mse = a_i.flatten().square() * v_mse
-            mse = dsm_image_weight(t_img, vp, d.image_weighting, d.max_image_weight).float() * mse
+        mse = (img_out.float() - v_target).square().mean(dim=(1, 2))
+        # ddpm and the v weighting train the v-MSE itself (= eps-MSE / abar, without dividing by
+        # abar -> 0); the other weightings weigh the eps-MSE: eps_hat = a v_hat + s z_t, so
+        # ||eps_hat - eps||^2 = abar ||v_hat - v||^2
+        weighted = d.objective == "se" and d.image_weighting != "v"
+        if weighted:
+            mse = a_i.flatten().square() * mse
     else:
         mse = (img_out.float() - eps_img.float()).square().mean(dim=(1, 2))
-        if d.objective == "se":
-            mse = dsm_image_weight(t_img, vp, d.image_weighting, d.max_image_weight).float() * mse
+        weighted = d.objective == "se"
+    if weighted:
+        mse = dsm_image_weight(t_img, vp, d.image_weighting, d.max_image_weight).float() * mse
     se_img = _masked_mean(mse, img_active)
 
     if bool(txt_active.any()):

@@ -1,7 +1,8 @@
 """Sample a pretrained MDM on the demo corpus's held-out set and score it against the ground truth.
 
     python -m mdm_dist.eval.heldout --export RUN/export --vae VAE_DIR/vae.pt \
-        --tokenizer TOKENIZER_DIR --corpus CORPUS_DIR --out OUT [--num 96] [--steps N] [--guidance W] [--caption-guidance W]
+        --tokenizer TOKENIZER_DIR --corpus CORPUS_DIR --out OUT [--num 96] [--steps N] [--guidance W]
+        [--caption-guidance W] [--data MDS_DIR ...]
 
 Held-out set: ``CORPUS/eval.jsonl`` (data_prep/make_demo_data.py: captions and ground truth of
 scenes whose keys are never in the training shards). Its images are re-drawn from their random
@@ -108,16 +109,16 @@ def evaluate(model, vae, tok, records: list[dict], images: np.ndarray, steps: in
 
     ``guidance``: the CFG scale of both modes (None: the config's, per mode);
     ``caption_guidance``: the i2t scale when it differs (None: ``guidance``)."""
-    from mdm_dist.diffusion.samplers import default_guidance
-
     from mdm_dist.data.raw import to_tensor_range
     from mdm_dist.diffusion import sample
+    from mdm_dist.diffusion.samplers import default_guidance
 
     cfg = model.cfg
     L = cfg.vae.max_text_len
-    d = cfg.diffusion
-    w_t2i = default_guidance(d, "t2i") if guidance is None else float(guidance)
-    w_i2t = next(float(w) for w in (caption_guidance, guidance, default_guidance(d, "i2t")) if w is not None)
+    if caption_guidance is None:
+        caption_guidance = guidance
+    w_t2i = default_guidance(cfg.diffusion, "t2i") if guidance is None else float(guidance)
+    w_i2t = default_guidance(cfg.diffusion, "i2t") if caption_guidance is None else float(caption_guidance)
     kw = dict(steps=steps, sampler=sampler)
     colours = [r["colour"] for r in records]
     shapes = [r["shape"] for r in records]

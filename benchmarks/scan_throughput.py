@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import re
 import sys
@@ -185,10 +186,18 @@ def bench_gpu(args, save) -> list[dict]:
             A, D, dtb = inp["A"], inp["D"], inp["dt_bias"]
             leaves = [inp[n] for n in ("x", "dt", "B", "C", "z")]
 
-            def ours():
-                return ssd_scan_multi(inp["x"], inp["dt"], A, inp["B"], inp["C"], D=D, z=inp["z"], dt_bias=dtb,
-                                      dt_softplus=True, scan_order=orders, chunk_size=args.chunk_size,
-                                      backend="triton")
+            def ours(block_p=None):
+                def run():
+                    # the headdim block (kernels.ssd.triton_fwd.headdim_block) is read at each launch
+                    if block_p:
+                        os.environ["MDM_SSD_HEADDIM_BLOCK"] = str(block_p)
+                    try:
+                        return ssd_scan_multi(inp["x"], inp["dt"], A, inp["B"], inp["C"], D=D, z=inp["z"],
+                                              dt_bias=dtb, dt_softplus=True, scan_order=orders,
+                                              chunk_size=args.chunk_size, backend="triton")
+                    finally:
+                        os.environ.pop("MDM_SSD_HEADDIM_BLOCK", None)
+                return run
 
             def theirs():
                 ys = []
@@ -201,20 +210,32 @@ def bench_gpu(args, save) -> list[dict]:
                     ys.append(y)
                 return torch.stack(ys)
 
-            impls = [("ours triton", ours)] + ([("mamba-ssm + copies", theirs)] if mamba_chunk_scan_combined else [])
+            from kernels.ssd.triton_fwd import headdim_block
+
+            auto_bp = headdim_block(args.headdim, args.batch * args.nheads * K, torch.device("cuda"))
+            impls = [(f"ours triton (auto={auto_bp})", ours())]
+            impls += [(f"ours triton bp{bp}", ours(bp)) for bp in args.block_p if bp != auto_bp]
+            impls += [("mamba-ssm + copies", theirs)] if mamba_chunk_scan_combined else []
             ref_y = None
             for impl, fn in impls:
-                with torch.no_grad():
-                    y = fn()
-                    ref_y = y if ref_y is None else ref_y
-                    err = (y.float() - ref_y.float()).abs().max().item()
-                t_f = timeit_gpu(lambda: fn())
-                for t in leaves:
-                    t.requires_grad_(True)
-                t_fb = timeit_gpu(_fwd_bwd(fn, leaves))
-                for t in leaves:
-                    t.requires_grad_(False)
-                    t.grad = None
+                try:
+                    with torch.no_grad():
+                        y = fn()
+                        ref_y = y if ref_y is None else ref_y
+                        err = (y.float() - ref_y.float()).abs().max().item()
+                    t_f = timeit_gpu(lambda: fn())
+                    for t in leaves:
+                        t.requires_grad_(True)
+                    t_fb = timeit_gpu(_fwd_bwd(fn, leaves))
+                except Exception as e:  # noqa: BLE001  one failing row must not lose the others
+                    print(f"[bench] {impl} K={K} L={L} failed: {type(e).__name__}: {e}", flush=True)
+                    rows.append(dict(impl=impl, K=K, seqlen=L, error=f"{type(e).__name__}: {e}"))
+                    save(rows)
+                    continue
+                finally:
+                    for t in leaves:
+                        t.requires_grad_(False)
+                        t.grad = None
                 tokens = args.batch * L * K
                 row = dict(impl=impl, K=K, seqlen=L, dtype="bfloat16", max_abs_diff_vs_ours=err,
                            fwd_s=t_f, fwd_bwd_s=t_fb, fwd_tok_s=tokens / t_f, fwd_bwd_tok_s=tokens / t_fb)
@@ -293,15 +314,24 @@ def bench_gpu_mixer(args, save, rows) -> list[dict]:
                           lambda: sum(theirs_one(m, u, o) for m, o in zip(mixers, orders))))
         ref = None
         for impl, fn in impls:
-            with torch.no_grad():
-                out = fn()
-                ref = out if ref is None else ref
-                err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-            t_f = timeit_gpu(fn)
-            u.requires_grad_(True)
-            t_fb = timeit_gpu(_fwd_bwd(fn, [u, *params]))
-            u.requires_grad_(False)
-            u.grad = None
+            try:
+                with torch.no_grad():
+                    out = fn()
+                    ref = out if ref is None else ref
+                    err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+                t_f = timeit_gpu(fn)
+                u.requires_grad_(True)
+                t_fb = timeit_gpu(_fwd_bwd(fn, [u, *params]))
+            except Exception as e:  # noqa: BLE001  one failing row must not lose the others
+                print(f"[bench] {impl} L={L} failed: {type(e).__name__}: {e}", flush=True)
+                rows.append(dict(impl=impl, K=K, seqlen=L, error=f"{type(e).__name__}: {e}"))
+                save(rows)
+                continue
+            finally:
+                u.requires_grad_(False)
+                u.grad = None
+                for q in params:
+                    q.grad = None
             tokens = args.batch * L * K
             row = dict(impl=impl, K=K, seqlen=L, dtype="bfloat16", mixer=MIXER, rel_diff_vs_ours=err,
                        fwd_s=t_f, fwd_bwd_s=t_fb, fwd_tok_s=tokens / t_f, fwd_bwd_tok_s=tokens / t_fb)
@@ -315,7 +345,7 @@ def bench_gpu_mixer(args, save, rows) -> list[dict]:
 
 def print_header(gpu: bool):
     extra = f"{'floor% f':>9} {'floor% fb':>9}" if gpu else f"{'max err':>9} {'rel err':>9}"
-    print(f"{'impl':<20} {'K':>2} {'seqlen':>7} {'fwd ms':>9} {'fwd+bwd ms':>11} {'fwd Mtok/s':>11} "
+    print(f"{'impl':<28} {'K':>2} {'seqlen':>7} {'fwd ms':>9} {'fwd+bwd ms':>11} {'fwd Mtok/s':>11} "
           f"{'f+b Mtok/s':>11} {extra}")
 
 
@@ -328,7 +358,7 @@ def print_row(r: dict):
         extra = ""
     if "rel_diff_vs_ours" in r:
         extra = f"  rel diff {r['rel_diff_vs_ours']:.1e}"
-    print(f"{r['impl']:<20} {r['K']:>2} {r['seqlen']:>7} {1e3 * r['fwd_s']:9.2f} {1e3 * r['fwd_bwd_s']:11.2f} "
+    print(f"{r['impl']:<28} {r['K']:>2} {r['seqlen']:>7} {1e3 * r['fwd_s']:9.2f} {1e3 * r['fwd_bwd_s']:11.2f} "
           f"{r['fwd_tok_s'] / 1e6:11.3f} {r['fwd_bwd_tok_s'] / 1e6:11.3f} {extra}")
 
 
@@ -345,6 +375,8 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=3, help="CPU timing repetitions (median)")
     p.add_argument("--quick", action="store_true", help="GPU: skip 64K")
     p.add_argument("--no-mixer", action="store_true", help="GPU: skip the 4-direction mixer rows")
+    p.add_argument("--block-p", type=int, nargs="*", default=[16, 32, 64],
+                   help="GPU: headdim blocks of our kernels to time besides the automatic choice")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = p.parse_args(argv)
     gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())

@@ -207,6 +207,38 @@ class TestInterpreter:
             assert got[name] is not None, name
             assert rel_err(got[name], ref[name]) < 1e-5, name
 
+    @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+    def test_headdim_blocks_match_reference(self, monkeypatch, deterministic):
+        # headdim 40 in blocks of 16 (the last one partial), 2 heads per group: dB, dC, ddt, dA,
+        # ddt_bias are partial sums over the blocks; every option on
+        monkeypatch.setenv("MDM_SSD_HEADDIM_BLOCK", "16")
+        from kernels.ssd.triton_fwd import headdim_block
+
+        assert headdim_block(40, 8, torch.device("cpu")) == 16
+        args, kw = make_inputs(2, 37, 4, 40, 2, 5, seed=77,
+                               opts=("z", "D2", "bias", "softplus", "init", "seq_any", "order"))
+
+        from kernels.ssd.triton_scan import ssd_scan_triton
+
+        y, s, got = run_with_grads(ssd_scan_triton, args, kw, chunk_size=16, deterministic=deterministic)
+        yr, sr, ref = run_with_grads(ssd_scan_reference, args, kw)
+        assert rel_err(y, yr) < 1e-5 and rel_err(s, sr) < 1e-5
+        for name in ref:
+            assert rel_err(got[name], ref[name]) < 1e-5, name
+
+    def test_headdim_block_choice(self, monkeypatch):
+        from kernels.ssd.triton_fwd import headdim_block
+
+        monkeypatch.delenv("MDM_SSD_HEADDIM_BLOCK", raising=False)
+        assert headdim_block(64, 4, torch.device("cpu")) == 64  # no split off CUDA
+        assert headdim_block(40, 4, torch.device("cpu")) == 64  # one block, masked
+        assert headdim_block(64, 4, torch.device("cpu"), block_p=128) == 64  # never wider than headdim
+        for bad in (8, 24):
+            with pytest.raises(ValueError, match="power of two >= 16"):
+                headdim_block(64, 4, torch.device("cpu"), block_p=bad)
+        monkeypatch.setenv("MDM_SSD_HEADDIM_BLOCK", "32")
+        assert headdim_block(64, 4, torch.device("cpu")) == 32
+
     def test_inputs_as_views_into_one_projection(self):
         # as in the mixer: x, dt, B, C, z are slices of one (batch, seqlen, width) tensor, so dt's
         # strides are not those of a contiguous (batch, seqlen, nheads) tensor (nor of ddt)
@@ -376,6 +408,27 @@ class TestGPU:
             assert rel_err(y, yr) < tol and rel_err(s, sr) < tol
             for name in ref:
                 assert rel_err(got[name], ref[name]) < (tol if dtype == torch.float32 else 5e-2), (name, det)
+
+    @pytest.mark.parametrize("block_p", [16, 32])
+    def test_headdim_blocks_bf16(self, block_p):
+        args, kw = make_inputs(2, 1000, 8, 64, 2, 64, seed=4, opts=("D2", "z", "bias", "softplus", "init", "order"),
+                               device="cuda")
+        from kernels.ssd.triton_scan import ssd_scan_triton
+
+        bf = torch.bfloat16
+        largs = tuple(t.to(bf) if i != 2 else t for i, t in enumerate(args))
+        lkw = dict(kw, z=kw["z"].to(bf))
+        runs = {}
+        for bp in (64, block_p):  # one block per head (the reference here) vs headdim blocks
+            os.environ["MDM_SSD_HEADDIM_BLOCK"] = str(bp)
+            try:
+                runs[bp] = run_with_grads(ssd_scan_triton, largs, lkw, chunk_size=64, deterministic=True)
+            finally:
+                del os.environ["MDM_SSD_HEADDIM_BLOCK"]
+        ref, got = runs[64], runs[block_p]
+        assert rel_err(got[0], ref[0]) < 1e-2 and rel_err(got[1], ref[1]) < 1e-2
+        for name in ref[2]:
+            assert rel_err(got[2][name], ref[2][name]) < 2e-2, name
 
     def test_multi_direction_bf16(self):
         K, L = 4, 2048

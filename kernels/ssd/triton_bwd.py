@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.ssd.triton_fwd import _block, _load_chunk, _strides, ssd_fwd_triton
+from kernels.ssd.triton_fwd import _block, _load_chunk, _strides, headdim_block, ssd_fwd_triton
 
 
 @triton.jit
@@ -36,7 +36,7 @@ def _ssd_bwd_kernel(
     x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, seq_ptr, order_ptr,
     states_ptr, dy_ptr, dfinal_ptr,
     dx_ptr, dz_ptr, ddt_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, dinit_ptr,
-    L, nheads, rep, headdim, dstate, nchunks,
+    L, nheads, rep, headdim, dstate, nchunks, npb,
     s_xk, s_xb, s_xl, s_xh, s_xp,
     s_dk, s_db, s_dl, s_dh,
     s_ak, s_ah,
@@ -49,21 +49,25 @@ def _ssd_bwd_kernel(
     s_ok, s_ol,
     s_yk, s_yb, s_yl, s_yh, s_yp,
     s_fk, s_fb, s_fh, s_fp, s_fn,
-    s_gk, s_gb, s_gl, s_gh, s_gn,  # dB / dC buffers: per head (deterministic) or per group
-    s_tk, s_tb, s_tl, s_th,  # ddt (contiguous: dt itself may be a strided view into a projection)
+    s_gk, s_gb, s_gl, s_gh, s_gn,  # dB / dC buffers: rows per (head, headdim block) or per group
+    s_tj, s_tk, s_tb, s_tl, s_th,  # ddt partial sums, one per headdim block (j)
     BQ: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
     HAS_D: tl.constexpr, D_HDIM: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_ORDER: tl.constexpr,
     HAS_DFINAL: tl.constexpr, PER_HEAD_DBC: tl.constexpr, PREC: tl.constexpr,
 ):
-    pid = tl.program_id(0)
+    pid = tl.program_id(0)  # (b, h, headdim block j)
     k = tl.program_id(1).to(tl.int64)
-    prog = k * tl.num_programs(0) + pid  # index of (k, b, h) in contiguous per-program buffers
-    b = (pid // nheads).to(tl.int64)
-    h = (pid % nheads).to(tl.int64)
+    prog = k * tl.num_programs(0) + pid  # index of (k, b, h, j) in contiguous per-program buffers
+    bh = pid // npb
+    j = (pid % npb).to(tl.int64)
+    p0 = j * BP
+    prog_kbh = k * (tl.num_programs(0) // npb) + bh  # index of (k, b, h)
+    b = (bh // nheads).to(tl.int64)
+    h = (bh % nheads).to(tl.int64)
     g = h // rep
     offs_q = tl.arange(0, BQ)
-    offs_p = tl.arange(0, BP)
+    offs_p = p0 + tl.arange(0, BP)
     offs_n = tl.arange(0, BN)
     mp = offs_p < headdim
     mn = offs_n < dstate
@@ -85,16 +89,16 @@ def _ssd_bwd_kernel(
     else:
         G = tl.zeros([BP, BN], dtype=tl.float32)
     causal = offs_q[:, None] >= offs_q[None, :]
-    st_base = states_ptr + prog.to(tl.int64) * nchunks * headdim * dstate
+    st_base = states_ptr + prog_kbh.to(tl.int64) * nchunks * headdim * dstate
     dA_acc = 0.0
     dbias_acc = 0.0
     dD_acc = tl.zeros([BP], dtype=tl.float32)
-    hb = h if PER_HEAD_DBC else g  # row of the dB / dC buffers
+    hb = h * npb + j if PER_HEAD_DBC else g  # row of the dB / dC buffers
 
     for i in range(nchunks):
         c = nchunks - 1 - i
         pos, valid, dt_raw, dtv, acs, x, Bm, Cm, seg = _load_chunk(
-            c, L, k, b, h, g, A_h, bias_h, x_ptr, dt_ptr, B_ptr, C_ptr, seq_ptr, order_ptr,
+            c, L, k, b, h, g, p0, A_h, bias_h, x_ptr, dt_ptr, B_ptr, C_ptr, seq_ptr, order_ptr,
             s_xk, s_xb, s_xl, s_xh, s_xp, s_dk, s_db, s_dl, s_dh, s_bk, s_bb, s_bl, s_bg, s_bn,
             s_ck, s_cb, s_cl, s_cg, s_cn, s_sk, s_sb, s_sl, s_ok, s_ol, headdim, dstate,
             BQ, BP, BN, HAS_BIAS, SOFTPLUS, HAS_SEQ, HAS_ORDER)
@@ -180,7 +184,7 @@ def _ssd_bwd_kernel(
 
         tl.store(dx_ptr + k * s_yk + b * s_yb + pos[:, None] * s_yl + h * s_yh + offs_p[None, :] * s_yp,
                  dx.to(dx_ptr.dtype.element_ty), mask=omask)
-        tl.store(ddt_ptr + k * s_tk + b * s_tb + pos * s_tl + h * s_th, ddt.to(ddt_ptr.dtype.element_ty), mask=valid)
+        tl.store(ddt_ptr + j * s_tj + k * s_tk + b * s_tb + pos * s_tl + h * s_th, ddt, mask=valid)
         nmask = valid[:, None] & mn[None, :]
         off_g = k * s_gk + b * s_gb + pos[:, None] * s_gl + hb * s_gh + offs_n[None, :] * s_gn
         if PER_HEAD_DBC:
@@ -190,15 +194,15 @@ def _ssd_bwd_kernel(
             tl.atomic_add(dB_ptr + off_g, dB, mask=nmask)
             tl.atomic_add(dC_ptr + off_g, dC, mask=nmask)
 
-    tl.store(dinit_ptr + prog.to(tl.int64) * headdim * dstate + offs_p[:, None] * dstate + offs_n[None, :],
+    tl.store(dinit_ptr + prog_kbh.to(tl.int64) * headdim * dstate + offs_p[:, None] * dstate + offs_n[None, :],
              G, mask=state_mask)
     tl.store(dA_ptr + prog, dA_acc)
     tl.store(dbias_ptr + prog, dbias_acc)
-    tl.store(dD_ptr + prog.to(tl.int64) * headdim + offs_p, dD_acc, mask=mp)
+    tl.store(dD_ptr + prog_kbh.to(tl.int64) * headdim + offs_p, dD_acc, mask=mp)
 
 
 def ssd_bwd_triton(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_states, seq_idx,
-                   scan_order, chunk_size: int, deterministic: bool):
+                   scan_order, chunk_size: int, deterministic: bool, block_p: int | None = None):
     """Gradients of the direction-stacked scan (shapes as in :func:`ssd_fwd_triton`).
 
     Returns dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinitial_states (None for absent inputs), each
@@ -209,50 +213,53 @@ def ssd_bwd_triton(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initi
     rep = nheads // ngroups
     BQ = _block(chunk_size)
     nchunks = triton.cdiv(L, BQ)
-    _, _, states = ssd_fwd_triton(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_states, seq_idx,
-                                  scan_order, chunk_size, store_states=True, write_y=False)
     dev, f32 = x.device, torch.float32
+    BP = headdim_block(headdim, batch * nheads * K, dev, block_p)
+    npb = triton.cdiv(headdim, BP)
+    _, _, states = ssd_fwd_triton(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_states, seq_idx,
+                                  scan_order, chunk_size, store_states=True, write_y=False, block_p=BP)
     dy = dy.contiguous()
     dx = torch.empty_like(dy, dtype=x.dtype)
     dz = torch.empty_like(dy, dtype=z.dtype) if z is not None else None
-    ddt = torch.empty(K, batch, L, nheads, device=dev, dtype=dt.dtype)
-    per_head = deterministic or rep == 1
-    nrows = nheads if per_head else ngroups
+    ddt = torch.empty(npb, K, batch, L, nheads, device=dev, dtype=f32)  # per headdim block
+    per_head = deterministic or rep == 1 or npb > 1
+    nrows = nheads * npb if per_head else ngroups
     alloc = torch.empty if per_head else torch.zeros  # atomics accumulate into zeros
     dB = alloc(K, batch, L, nrows, dstate, device=dev, dtype=f32)
     dC = alloc(K, batch, L, nrows, dstate, device=dev, dtype=f32)
-    dA = torch.empty(K, batch, nheads, device=dev, dtype=f32)
-    dbias = torch.empty(K, batch, nheads, device=dev, dtype=f32)
+    dA = torch.empty(K, batch, nheads, npb, device=dev, dtype=f32)
+    dbias = torch.empty(K, batch, nheads, npb, device=dev, dtype=f32)
     dD = torch.empty(K, batch, nheads, headdim, device=dev, dtype=f32)
     dinit = torch.empty(K, batch, nheads, headdim, dstate, device=dev, dtype=f32)
     dummy = dA
-    _ssd_bwd_kernel[(batch * nheads, K)](
+    _ssd_bwd_kernel[(batch * nheads * npb, K)](
         x, dt, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
         dt_bias if dt_bias is not None else dummy, seq_idx if seq_idx is not None else dummy,
         scan_order if scan_order is not None else dummy, states, dy,
         dfinal if dfinal is not None else dummy,
         dx, dz if dz is not None else dummy, ddt, dB, dC, dA, dD, dbias, dinit,
-        L, nheads, rep, headdim, dstate, nchunks,
+        L, nheads, rep, headdim, dstate, nchunks, npb,
         *x.stride(), *dt.stride(), *A.stride(), *B.stride(), *C.stride(),
         *(_strides(D, 3) if D is None or D.dim() == 3 else (*D.stride(), 0)),
         *_strides(z, 5), *_strides(dt_bias, 2), *_strides(seq_idx, 3), *_strides(scan_order, 2),
         *dy.stride(), *_strides(dfinal, 5), *dB.stride(), *ddt.stride(),
-        BQ=BQ, BP=_block(headdim), BN=_block(dstate),
+        BQ=BQ, BP=BP, BN=_block(dstate),
         HAS_D=D is not None, D_HDIM=D is not None and D.dim() == 3, HAS_Z=z is not None,
         HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), HAS_SEQ=seq_idx is not None,
         HAS_ORDER=scan_order is not None, HAS_DFINAL=dfinal is not None, PER_HEAD_DBC=per_head,
         PREC="ieee" if x.dtype == torch.float32 else "tf32",
-        num_warps=8 if max(headdim, dstate) >= 64 else 4,
+        num_warps=8 if max(BP, dstate) >= 64 else 4,
     )
     del states
-    if per_head and rep > 1:
-        dB = dB.view(K, batch, L, ngroups, rep, dstate).sum(4)
-        dC = dC.view(K, batch, L, ngroups, rep, dstate).sum(4)
-    dA = dA.sum(1).to(A.dtype)
+    if per_head and rep * npb > 1:  # rows (group, head in group, headdim block) -> group
+        dB = dB.view(K, batch, L, ngroups, rep * npb, dstate).sum(4)
+        dC = dC.view(K, batch, L, ngroups, rep * npb, dstate).sum(4)
+    ddt = (ddt[0] if npb == 1 else ddt.sum(0)).to(dt.dtype)
+    dA = dA.sum((1, 3)).to(A.dtype)
     dD_out = None
     if D is not None:
         dD_out = dD.sum(1)
         dD_out = (dD_out if D.dim() == 3 else dD_out.sum(-1)).to(D.dtype)
-    dbias_out = dbias.sum(1).to(dt_bias.dtype) if dt_bias is not None else None
+    dbias_out = dbias.sum((1, 3)).to(dt_bias.dtype) if dt_bias is not None else None
     dinit_out = dinit.to(initial_states.dtype) if initial_states is not None else None
     return dx, ddt, dA, dB.to(B.dtype), dC.to(C.dtype), dD_out, dz, dbias_out, dinit_out

@@ -27,6 +27,8 @@ scan order, given as tensors with a leading K dimension of any stride) run in on
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -39,7 +41,7 @@ def _softplus(v):
 
 @triton.jit
 def _load_chunk(
-    c, L, k, b, h, g, A_h, bias_h,
+    c, L, k, b, h, g, p0, A_h, bias_h,
     x_ptr, dt_ptr, B_ptr, C_ptr, seq_ptr, order_ptr,
     s_xk, s_xb, s_xl, s_xh, s_xp,
     s_dk, s_db, s_dl, s_dh,
@@ -51,9 +53,10 @@ def _load_chunk(
     BQ: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_ORDER: tl.constexpr,
 ):
-    """Gather one chunk of the scan: positions, masks, dt (raw and processed), acs, x, B, C, segs."""
+    """Gather one chunk of the scan: positions, masks, dt (raw and processed), acs, x (headdim
+    columns p0 .. p0+BP-1), B, C, segs."""
     offs_q = tl.arange(0, BQ)
-    offs_p = tl.arange(0, BP)
+    offs_p = p0 + tl.arange(0, BP)
     offs_n = tl.arange(0, BN)
     t = c * BQ + offs_q
     valid = t < L
@@ -96,7 +99,7 @@ def _load_chunk(
 def _ssd_fwd_kernel(
     x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, init_ptr, seq_ptr, order_ptr,
     y_ptr, final_ptr, states_ptr,
-    L, nheads, rep, headdim, dstate, nchunks,
+    L, nheads, rep, headdim, dstate, nchunks, npb,
     s_xk, s_xb, s_xl, s_xh, s_xp,
     s_dk, s_db, s_dl, s_dh,
     s_ak, s_ah,
@@ -114,13 +117,16 @@ def _ssd_fwd_kernel(
     SOFTPLUS: tl.constexpr, HAS_INIT: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_ORDER: tl.constexpr,
     STORE_STATES: tl.constexpr, WRITE_Y: tl.constexpr, PREC: tl.constexpr,
 ):
-    pid = tl.program_id(0)
+    pid = tl.program_id(0)  # (b, h, headdim block)
     k = tl.program_id(1).to(tl.int64)
-    b = (pid // nheads).to(tl.int64)
-    h = (pid % nheads).to(tl.int64)
+    bh = pid // npb
+    p0 = (pid % npb).to(tl.int64) * BP
+    b = (bh // nheads).to(tl.int64)
+    h = (bh % nheads).to(tl.int64)
     g = h // rep
+    prog_kbh = k * (tl.num_programs(0) // npb) + bh  # index of (k, b, h) in (K, batch, nheads, ...) buffers
     offs_q = tl.arange(0, BQ)
-    offs_p = tl.arange(0, BP)
+    offs_p = p0 + tl.arange(0, BP)
     offs_n = tl.arange(0, BN)
     mp = offs_p < headdim
     mn = offs_n < dstate
@@ -143,11 +149,11 @@ def _ssd_fwd_kernel(
         H = tl.zeros([BP, BN], dtype=tl.float32)
     causal = offs_q[:, None] >= offs_q[None, :]
     # Chunk-entry states for the backward: contiguous (K, batch, nheads, nchunks, headdim, dstate).
-    st_base = states_ptr + (k * tl.num_programs(0) + pid).to(tl.int64) * nchunks * headdim * dstate
+    st_base = states_ptr + prog_kbh.to(tl.int64) * nchunks * headdim * dstate
 
     for c in range(nchunks):
         pos, valid, dt_raw, dtv, acs, x, Bm, Cm, seg = _load_chunk(
-            c, L, k, b, h, g, A_h, bias_h, x_ptr, dt_ptr, B_ptr, C_ptr, seq_ptr, order_ptr,
+            c, L, k, b, h, g, p0, A_h, bias_h, x_ptr, dt_ptr, B_ptr, C_ptr, seq_ptr, order_ptr,
             s_xk, s_xb, s_xl, s_xh, s_xp, s_dk, s_db, s_dl, s_dh, s_bk, s_bb, s_bl, s_bg, s_bn,
             s_ck, s_cb, s_cl, s_cg, s_cn, s_sk, s_sb, s_sl, s_ok, s_ol, headdim, dstate,
             BQ, BP, BN, HAS_BIAS, SOFTPLUS, HAS_SEQ, HAS_ORDER)
@@ -183,7 +189,7 @@ def _ssd_fwd_kernel(
         xw = (x.to(tl.float32) * w[:, None]).to(dot_t)
         H = H * chunk_decay + tl.dot(tl.trans(xw), Bm, input_precision=PREC)
 
-    tl.store(final_ptr + (k * tl.num_programs(0) + pid).to(tl.int64) * headdim * dstate
+    tl.store(final_ptr + prog_kbh.to(tl.int64) * headdim * dstate
              + offs_p[:, None] * dstate + offs_n[None, :], H, mask=state_mask)
 
 
@@ -191,18 +197,42 @@ def _block(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
+def headdim_block(headdim: int, programs: int, device: torch.device, block_p: int | None = None) -> int:
+    """Headdim columns per program (BP): the rows of the state H (headdim, dstate) evolve
+    independently, so a (batch, head) can be split over programs by headdim blocks. Splitting costs
+    a recomputed C B^T and re-read B, C, dt per block, and pays where (batch x heads x directions)
+    programs would leave streaming multiprocessors idle. ``block_p`` (or the environment variable
+    MDM_SSD_HEADDIM_BLOCK) forces a power of two >= 16; by default blocks are halved, down to 16,
+    until there are at least 2 programs per multiprocessor (never on CPU)."""
+    full = _block(headdim)
+    forced = block_p or int(os.environ.get("MDM_SSD_HEADDIM_BLOCK", "0") or 0)
+    if forced:
+        if forced < 16 or forced & (forced - 1):
+            raise ValueError(f"headdim block must be a power of two >= 16, got {forced} "
+                             "(block_p / MDM_SSD_HEADDIM_BLOCK)")
+        return min(forced, full)
+    if device.type != "cuda":
+        return full
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    bp = full
+    while bp > 16 and programs * triton.cdiv(headdim, bp) < 2 * sms:
+        bp //= 2
+    return bp
+
+
 def _strides(t: torch.Tensor | None, ndim: int) -> tuple[int, ...]:
     return tuple(t.stride()) if t is not None else (0,) * ndim
 
 
 def ssd_fwd_triton(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_states, seq_idx, scan_order,
-                   chunk_size: int, store_states: bool = False, write_y: bool = True):
+                   chunk_size: int, store_states: bool = False, write_y: bool = True, block_p: int | None = None):
     """Launch the forward on direction-stacked inputs (a leading K dimension, any strides).
 
     x, z (K, b, L, h, p); dt (K, b, L, h); A, dt_bias (K, h); B, C (K, b, L, g, n); D (K, h) or
     (K, h, p); initial_states (K, b, h, p, n); seq_idx (K, b, L); scan_order (K, L) long.
     Returns y (K, b, L, h, p) in x.dtype (None unless write_y), final states (K, b, h, p, n)
     float32, and the chunk-entry states (K, b, h, nchunks, p, n) float32 when store_states.
+    ``block_p``: headdim columns per program (see :func:`headdim_block`).
     """
     K, batch, L, nheads, headdim = x.shape
     ngroups, dstate = B.shape[-2:]
@@ -214,23 +244,25 @@ def ssd_fwd_triton(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_states, s
     states = (torch.empty(K, batch, nheads, nchunks, headdim, dstate, device=dev, dtype=torch.float32)
               if store_states else final.new_empty(0))
     dummy = final
-    grid = (batch * nheads, K)
+    BP = headdim_block(headdim, batch * nheads * K, dev, block_p)
+    npb = triton.cdiv(headdim, BP)
+    grid = (batch * nheads * npb, K)
     _ssd_fwd_kernel[grid](
         x, dt, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
         dt_bias if dt_bias is not None else dummy, initial_states if initial_states is not None else dummy,
         seq_idx if seq_idx is not None else dummy, scan_order if scan_order is not None else dummy,
         y, final, states,
-        L, nheads, nheads // ngroups, headdim, dstate, nchunks,
+        L, nheads, nheads // ngroups, headdim, dstate, nchunks, npb,
         *x.stride(), *dt.stride(), *A.stride(), *B.stride(), *C.stride(),
         *(_strides(D, 3) if D is None or D.dim() == 3 else (*D.stride(), 0)),
         *_strides(z, 5), *_strides(dt_bias, 2), *_strides(initial_states, 5), *_strides(seq_idx, 3),
         *_strides(scan_order, 2), *(y.stride() if write_y else (0,) * 5),
-        BQ=BQ, BP=_block(headdim), BN=_block(dstate),
+        BQ=BQ, BP=BP, BN=_block(dstate),
         HAS_D=D is not None, D_HDIM=D is not None and D.dim() == 3, HAS_Z=z is not None,
         HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), HAS_INIT=initial_states is not None,
         HAS_SEQ=seq_idx is not None, HAS_ORDER=scan_order is not None,
         STORE_STATES=store_states, WRITE_Y=write_y,
         PREC="ieee" if x.dtype == torch.float32 else "tf32",
-        num_warps=8 if max(headdim, dstate) >= 64 else 4,
+        num_warps=8 if max(BP, dstate) >= 64 else 4,
     )
     return (y if write_y else None), final, (states if store_states else None)

@@ -180,23 +180,27 @@ def bench_gpu(args, save) -> list[dict]:
     rows = []
     dtype = torch.bfloat16
     for L in args.lengths or ([4096, 16384] if args.quick else [4096, 16384, 65536]):
-        for K in (1, 4):
+        for K in args.directions:
             inp = make_inputs(K, args.batch, L, args.nheads, args.headdim, args.dstate, args.ngroups, "cuda", dtype)
             orders = scan_orders(K, L, "cuda")
             A, D, dtb = inp["A"], inp["D"], inp["dt_bias"]
             leaves = [inp[n] for n in ("x", "dt", "B", "C", "z")]
 
-            def ours(block_p=None):
+            def ours(block_p=None, tune=""):
+                det = "deterministic" in tune
+                tune = ",".join(t for t in tune.split(",") if t and t != "deterministic")
+
                 def run():
-                    # the headdim block (kernels.ssd.triton_fwd.headdim_block) is read at each launch
-                    if block_p:
-                        os.environ["MDM_SSD_HEADDIM_BLOCK"] = str(block_p)
+                    # launch settings (kernels.ssd.triton_fwd.headdim_block / tuning) are read at each launch
+                    env = {"MDM_SSD_HEADDIM_BLOCK": str(block_p or ""), "MDM_SSD_TUNE": tune}
+                    os.environ.update(env)
                     try:
                         return ssd_scan_multi(inp["x"], inp["dt"], A, inp["B"], inp["C"], D=D, z=inp["z"],
                                               dt_bias=dtb, dt_softplus=True, scan_order=orders,
-                                              chunk_size=args.chunk_size, backend="triton")
+                                              chunk_size=args.chunk_size, backend="triton", deterministic=det)
                     finally:
-                        os.environ.pop("MDM_SSD_HEADDIM_BLOCK", None)
+                        for key in env:
+                            os.environ.pop(key, None)
                 return run
 
             def theirs():
@@ -215,14 +219,27 @@ def bench_gpu(args, save) -> list[dict]:
             auto_bp = headdim_block(args.headdim, args.batch * args.nheads * K, torch.device("cuda"))
             impls = [(f"ours triton (auto={auto_bp})", ours())]
             impls += [(f"ours triton bp{bp}", ours(bp)) for bp in args.block_p if bp != auto_bp]
+            if L in args.tune_lengths:
+                impls += [(f"ours {t}", ours(tune=t)) for t in args.tune]
             impls += [("mamba-ssm + copies", theirs)] if mamba_chunk_scan_combined else []
-            ref_y = None
+            ref_y = ref_g = None
+            gw = torch.randn(K, args.batch, L, args.nheads, args.headdim, device="cuda", dtype=dtype)
             for impl, fn in impls:
                 try:
                     with torch.no_grad():
                         y = fn()
                         ref_y = y if ref_y is None else ref_y
                         err = (y.float() - ref_y.float()).abs().max().item()
+                    for t in leaves:
+                        t.requires_grad_(True)
+                    (fn().float() * gw).sum().backward()  # gradients vs the first row's
+                    grads = torch.cat([t.grad.float().flatten() for t in leaves])
+                    ref_g = grads if ref_g is None else ref_g
+                    gerr = ((grads - ref_g).norm() / ref_g.norm()).item()
+                    del grads
+                    for t in leaves:
+                        t.grad = None
+                        t.requires_grad_(False)
                     t_f = timeit_gpu(lambda: fn())
                     for t in leaves:
                         t.requires_grad_(True)
@@ -238,7 +255,7 @@ def bench_gpu(args, save) -> list[dict]:
                         t.grad = None
                 tokens = args.batch * L * K
                 row = dict(impl=impl, K=K, seqlen=L, dtype="bfloat16", max_abs_diff_vs_ours=err,
-                           fwd_s=t_f, fwd_bwd_s=t_fb, fwd_tok_s=tokens / t_f, fwd_bwd_tok_s=tokens / t_fb)
+                           grad_rel_diff_vs_ours=gerr, fwd_s=t_f, fwd_bwd_s=t_fb, fwd_tok_s=tokens / t_f, fwd_bwd_tok_s=tokens / t_fb)
                 if bw:
                     row["floor_fwd_s"] = bytes_moved(inp, K, False) / bw
                     row["floor_fwd_bwd_s"] = bytes_moved(inp, K, True) / bw
@@ -345,7 +362,7 @@ def bench_gpu_mixer(args, save, rows) -> list[dict]:
 
 def print_header(gpu: bool):
     extra = f"{'floor% f':>9} {'floor% fb':>9}" if gpu else f"{'max err':>9} {'rel err':>9}"
-    print(f"{'impl':<28} {'K':>2} {'seqlen':>7} {'fwd ms':>9} {'fwd+bwd ms':>11} {'fwd Mtok/s':>11} "
+    print(f"{'impl':<36} {'K':>2} {'seqlen':>7} {'fwd ms':>9} {'fwd+bwd ms':>11} {'fwd Mtok/s':>11} "
           f"{'f+b Mtok/s':>11} {extra}")
 
 
@@ -356,9 +373,11 @@ def print_row(r: dict):
         extra = f"{100 * r['floor_frac_fwd']:8.1f}% {100 * r['floor_frac_fwd_bwd']:8.1f}%"
     else:
         extra = ""
+    if "grad_rel_diff_vs_ours" in r:
+        extra += f"  grad diff {r['grad_rel_diff_vs_ours']:.1e}"
     if "rel_diff_vs_ours" in r:
         extra = f"  rel diff {r['rel_diff_vs_ours']:.1e}"
-    print(f"{r['impl']:<28} {r['K']:>2} {r['seqlen']:>7} {1e3 * r['fwd_s']:9.2f} {1e3 * r['fwd_bwd_s']:11.2f} "
+    print(f"{r['impl']:<36} {r['K']:>2} {r['seqlen']:>7} {1e3 * r['fwd_s']:9.2f} {1e3 * r['fwd_bwd_s']:11.2f} "
           f"{r['fwd_tok_s'] / 1e6:11.3f} {r['fwd_bwd_tok_s'] / 1e6:11.3f} {extra}")
 
 
@@ -375,8 +394,13 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=3, help="CPU timing repetitions (median)")
     p.add_argument("--quick", action="store_true", help="GPU: skip 64K")
     p.add_argument("--no-mixer", action="store_true", help="GPU: skip the 4-direction mixer rows")
-    p.add_argument("--block-p", type=int, nargs="*", default=[16, 32, 64],
-                   help="GPU: headdim blocks of our kernels to time besides the automatic choice")
+    p.add_argument("--block-p", type=int, nargs="*", default=[],
+                   help="GPU: headdim blocks of our kernels to time besides the automatic choice (16 32 64)")
+    p.add_argument("--tune", nargs="*", default=[],
+                   help="GPU: launch settings to time besides the defaults, each a MDM_SSD_TUNE value "
+                        "(e.g. bwd_chunk=32,bwd_warps=4), optionally with ',deterministic'")
+    p.add_argument("--tune-lengths", type=int, nargs="*", default=[16384], help="GPU: lengths for --tune rows")
+    p.add_argument("--directions", type=int, nargs="*", default=[1, 4], help="GPU: direction counts K")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = p.parse_args(argv)
     gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())

@@ -226,6 +226,27 @@ class TestInterpreter:
         for name in ref:
             assert rel_err(got[name], ref[name]) < 1e-5, name
 
+    def test_chunk_blocks_and_tuning(self, monkeypatch):
+        # chunk_size 128 runs in chunks of 64 (shared memory); a backward with its own chunk length
+        # (16) and warps; the results are the same function, forward and every gradient
+        from kernels.ssd.triton_fwd import chunk_block, tuning
+        from kernels.ssd.triton_scan import ssd_scan_triton
+
+        assert chunk_block(256) == 64 and chunk_block(20) == 32 and chunk_block(8) == 16
+        args, kw = make_inputs(1, 150, 2, 16, 1, 16, seed=91, opts=("z", "D1", "bias", "softplus", "init", "order"))
+        yr, sr, ref = run_with_grads(ssd_scan_reference, args, kw)
+        for tune in ("", "fwd_chunk=32,bwd_chunk=16,bwd_warps=2"):
+            monkeypatch.setenv("MDM_SSD_TUNE", tune)
+            y, s, got = run_with_grads(ssd_scan_triton, args, kw, chunk_size=128)
+            assert rel_err(y, yr) < 1e-5 and rel_err(s, sr) < 1e-5, tune
+            for name in ref:
+                assert rel_err(got[name], ref[name]) < 1e-5, (tune, name)
+        for bad, msg in (("bwd_chunk=128", "out of range"), ("fwd_warps=3", "out of range"),
+                         ("chunk=32", "bad item"), ("bwd_warps=x", "bad item")):
+            monkeypatch.setenv("MDM_SSD_TUNE", bad)
+            with pytest.raises(ValueError, match=msg):
+                tuning()
+
     def test_headdim_block_choice(self, monkeypatch):
         from kernels.ssd.triton_fwd import headdim_block
 

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.ssd.triton_fwd import _block, _load_chunk, _strides, headdim_block, ssd_fwd_triton
+from kernels.ssd.triton_fwd import _block, _load_chunk, _strides, chunk_block, headdim_block, ssd_fwd_triton, tuning
 
 
 @triton.jit
@@ -211,13 +211,14 @@ def ssd_bwd_triton(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initi
     K, batch, L, nheads, headdim = x.shape
     ngroups, dstate = B.shape[-2:]
     rep = nheads // ngroups
-    BQ = _block(chunk_size)
+    tune = tuning()
+    BQ = chunk_block(chunk_size, tune.get("bwd_chunk"))  # the chunk-entry states below use the same
     nchunks = triton.cdiv(L, BQ)
     dev, f32 = x.device, torch.float32
     BP = headdim_block(headdim, batch * nheads * K, dev, block_p)
     npb = triton.cdiv(headdim, BP)
     _, _, states = ssd_fwd_triton(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_states, seq_idx,
-                                  scan_order, chunk_size, store_states=True, write_y=False, block_p=BP)
+                                  scan_order, chunk_size, store_states=True, write_y=False, block_p=BP, chunk=BQ)
     dy = dy.contiguous()
     dx = torch.empty_like(dy, dtype=x.dtype)
     dz = torch.empty_like(dy, dtype=z.dtype) if z is not None else None
@@ -248,7 +249,7 @@ def ssd_bwd_triton(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initi
         HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), HAS_SEQ=seq_idx is not None,
         HAS_ORDER=scan_order is not None, HAS_DFINAL=dfinal is not None, PER_HEAD_DBC=per_head,
         PREC="ieee" if x.dtype == torch.float32 else "tf32",
-        num_warps=8 if max(BP, dstate) >= 64 else 4,
+        num_warps=tune.get("bwd_warps") or (8 if max(BP, dstate) >= 64 else 4),
     )
     del states
     if per_head and rep * npb > 1:  # rows (group, head in group, headdim block) -> group

@@ -247,6 +247,32 @@ class TestInterpreter:
             with pytest.raises(ValueError, match=msg):
                 tuning()
 
+    def test_backward_uses_the_forwards_launch_settings(self, monkeypatch):
+        # the backward runs after the caller's scope (which set the environment) has ended
+        import kernels.ssd.triton_scan as ts
+
+        seen = []
+        real = ts.ssd_bwd_triton
+
+        def spy(*args, **kwargs):
+            seen.append(kwargs)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(ts, "ssd_bwd_triton", spy)
+        args, kw = make_inputs(1, 40, 2, 32, 1, 16, seed=5, opts=("D1", "z"))
+        leaves = [t.clone().requires_grad_() for t in args]
+        monkeypatch.setenv("MDM_SSD_TUNE", "bwd_chunk=16,bwd_warps=2")
+        monkeypatch.setenv("MDM_SSD_HEADDIM_BLOCK", "16")
+        y = ts.ssd_scan_triton(*leaves, **kw, chunk_size=32)
+        monkeypatch.delenv("MDM_SSD_TUNE")
+        monkeypatch.delenv("MDM_SSD_HEADDIM_BLOCK")
+        y.sum().backward()
+        assert seen == [dict(block_p=16, tune={"bwd_chunk": 16, "bwd_warps": 2})]
+        ref = [t.clone().requires_grad_() for t in args]
+        ssd_scan_reference(*ref, **kw).sum().backward()
+        for a, b in zip(leaves, ref):
+            assert rel_err(a.grad, b.grad) < 1e-5
+
     def test_headdim_block_choice(self, monkeypatch):
         from kernels.ssd.triton_fwd import headdim_block
 
@@ -410,10 +436,14 @@ def compiled():
 @cuda
 @pytest.mark.usefixtures("compiled")
 class TestGPU:
-    @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)], ids=["fp32", "bf16"])
-    @pytest.mark.parametrize("opts", [("D1", "z", "bias", "softplus", "init", "order"),
-                                      ("D2", "seq", "flip", "init"), ()], ids=["gated-order", "seq-flip", "plain"])
-    def test_forward_backward_vs_reference(self, dtype, tol, opts):
+    # each case compiles its own kernel specializations (~10-20 s of Triton compilation on an H100 node)
+    @pytest.mark.parametrize("opts,dtype,tol", [
+        (("D1", "z", "bias", "softplus", "init", "order"), torch.float32, 1e-4),
+        (("D1", "z", "bias", "softplus", "init", "order"), torch.bfloat16, 3e-2),
+        (("D2", "seq", "flip", "init"), torch.float32, 1e-4),
+        ((), torch.bfloat16, 3e-2),
+    ], ids=["gated-order-fp32", "gated-order-bf16", "seq-flip-fp32", "plain-bf16"])
+    def test_forward_backward_vs_reference(self, opts, dtype, tol):
         args, kw = make_inputs(2, 1000, 8, 64, 2, 64, seed=1, opts=opts, device="cuda")
         low = lambda t: t.to(dtype) if t.is_floating_point() and t.dim() > 1 else t  # noqa: E731
         largs = tuple(low(t) if i != 2 else t for i, t in enumerate(args))
@@ -430,7 +460,7 @@ class TestGPU:
             for name in ref:
                 assert rel_err(got[name], ref[name]) < (tol if dtype == torch.float32 else 5e-2), (name, det)
 
-    @pytest.mark.parametrize("block_p", [16, 32])
+    @pytest.mark.parametrize("block_p", [16])
     def test_headdim_blocks_bf16(self, block_p):
         args, kw = make_inputs(2, 1000, 8, 64, 2, 64, seed=4, opts=("D2", "z", "bias", "softplus", "init", "order"),
                                device="cuda")

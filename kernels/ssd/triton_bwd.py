@@ -202,7 +202,8 @@ def _ssd_bwd_kernel(
 
 
 def ssd_bwd_triton(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_states, seq_idx,
-                   scan_order, chunk_size: int, deterministic: bool, block_p: int | None = None):
+                   scan_order, chunk_size: int, deterministic: bool, block_p: int | None = None,
+                   tune: dict | None = None):
     """Gradients of the direction-stacked scan (shapes as in :func:`ssd_fwd_triton`).
 
     Returns dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinitial_states (None for absent inputs), each
@@ -211,14 +212,15 @@ def ssd_bwd_triton(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initi
     K, batch, L, nheads, headdim = x.shape
     ngroups, dstate = B.shape[-2:]
     rep = nheads // ngroups
-    tune = tuning()
+    tune = tuning() if tune is None else tune  # the forward's, when called from the autograd Function
     BQ = chunk_block(chunk_size, tune.get("bwd_chunk"))  # the chunk-entry states below use the same
     nchunks = triton.cdiv(L, BQ)
     dev, f32 = x.device, torch.float32
     BP = headdim_block(headdim, batch * nheads * K, dev, block_p)
     npb = triton.cdiv(headdim, BP)
     _, _, states = ssd_fwd_triton(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_states, seq_idx,
-                                  scan_order, chunk_size, store_states=True, write_y=False, block_p=BP, chunk=BQ)
+                                  scan_order, chunk_size, store_states=True, write_y=False, block_p=BP, chunk=BQ,
+                                  tune=tune)
     dy = dy.contiguous()
     dx = torch.empty_like(dy, dtype=x.dtype)
     dz = torch.empty_like(dy, dtype=z.dtype) if z is not None else None

@@ -258,7 +258,7 @@ def _strides(t: torch.Tensor | None, ndim: int) -> tuple[int, ...]:
 
 def ssd_fwd_triton(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_states, seq_idx, scan_order,
                    chunk_size: int, store_states: bool = False, write_y: bool = True, block_p: int | None = None,
-                   chunk: int | None = None, num_warps: int | None = None):
+                   chunk: int | None = None, num_warps: int | None = None, tune: dict | None = None):
     """Launch the forward on direction-stacked inputs (a leading K dimension, any strides).
 
     x, z (K, b, L, h, p); dt (K, b, L, h); A, dt_bias (K, h); B, C (K, b, L, g, n); D (K, h) or
@@ -266,11 +266,12 @@ def ssd_fwd_triton(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_states, s
     Returns y (K, b, L, h, p) in x.dtype (None unless write_y), final states (K, b, h, p, n)
     float32, and the chunk-entry states (K, b, h, nchunks, p, n) float32 when store_states.
     ``block_p``: headdim columns per program (see :func:`headdim_block`); ``chunk`` and
-    ``num_warps`` override :func:`chunk_block` and the default warps (and MDM_SSD_TUNE).
+    ``num_warps`` override :func:`chunk_block` and the default warps; ``tune`` replaces the
+    settings read from MDM_SSD_TUNE (:func:`tuning`).
     """
     K, batch, L, nheads, headdim = x.shape
     ngroups, dstate = B.shape[-2:]
-    tune = tuning()
+    tune = tuning() if tune is None else tune
     BQ = chunk_block(chunk_size, chunk or tune.get("fwd_chunk"))
     nchunks = triton.cdiv(L, BQ)
     dev = x.device

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from kernels.ssd import triton_fwd
 from kernels.ssd.triton_bwd import ssd_bwd_triton
-from kernels.ssd.triton_fwd import ssd_fwd_triton
+from kernels.ssd.triton_fwd import headdim_block, ssd_fwd_triton, tuning
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -50,10 +50,16 @@ class SSDScanFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, scan_order,
                 dt_softplus, chunk_size, deterministic):
+        # launch settings are read once, here: the backward runs later (after the caller may have
+        # left the scope that set MDM_SSD_TUNE / MDM_SSD_HEADDIM_BLOCK) and must use the same ones
+        tune = tuning()
+        K, batch, _, nheads, headdim = x.shape
+        block_p = headdim_block(headdim, K * batch * nheads, x.device)
         y, final, _ = ssd_fwd_triton(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_states,
-                                     seq_idx, scan_order, chunk_size)
+                                     seq_idx, scan_order, chunk_size, block_p=block_p, tune=tune)
         ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, scan_order)
         ctx.opts = (dt_softplus, chunk_size, deterministic)
+        ctx.launch = dict(block_p=block_p, tune=tune)
         ctx.set_materialize_grads(False)
         return y, final
 
@@ -64,7 +70,7 @@ class SSDScanFn(torch.autograd.Function):
         if dy is None:
             dy = torch.zeros_like(x)
         grads = ssd_bwd_triton(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_states,
-                               seq_idx, scan_order, chunk_size, deterministic)
+                               seq_idx, scan_order, chunk_size, deterministic, **ctx.launch)
         return (*grads, None, None, None, None, None)
 
 

@@ -39,7 +39,7 @@ timeout 100 $PY -m pytest -v -m gpu tests -p no:cacheprovider --durations=5 --ju
 #    16K first (the target range), then 4K; at 16K also the launch settings below (MDM_SSD_TUNE);
 #    `benchmarks/scan_throughput.py --device cuda` alone adds 64K and the 4-direction mixer rows
 #    (each launch setting compiles its own kernels: ~10-20 s apiece on an H100 node)
-TUNE="bwd_chunk=32 bwd_warps=4 fwd_chunk=32,fwd_warps=4"
+TUNE="parallel=1 parallel=1,fwd_chunk=32,bwd_chunk=32 bwd_chunk=32 fwd_chunk=32,fwd_warps=4"
 timeout 150 $PY benchmarks/scan_throughput.py --device cuda --lengths 16384 4096 --no-mixer --block-p 16 64 --tune $TUNE \
   2>&1 | tee "benchmarks/results/scan_throughput_$DEV.log" || status=1
 # 3. training throughput of 350m and 1b on one GPU (ZeRO-3, bf16, checkpointing every block);

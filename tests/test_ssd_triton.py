@@ -22,7 +22,8 @@ import torch
 
 from kernels.ssd import ssd_scan, ssd_scan_multi, ssd_scan_reference
 
-KERNEL_MODULES = ("kernels.ssd.triton_fwd", "kernels.ssd.triton_bwd", "kernels.ssd.triton_scan")
+KERNEL_MODULES = ("kernels.ssd.triton_fwd", "kernels.ssd.triton_bwd", "kernels.ssd.triton_scan",
+                  "kernels.ssd.triton_par")
 GRAD_NAMES = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states")
 
 
@@ -181,10 +182,17 @@ def interpreted():
         yield
 
 
+@pytest.fixture(params=["sequential", "parallel"])
+def algo(request, monkeypatch):
+    """The kernels' two algorithms (triton_fwd/bwd: chunks in sequence; triton_par: in parallel)."""
+    monkeypatch.setenv("MDM_SSD_TUNE", "parallel=1" if request.param == "parallel" else "")
+    return request.param
+
+
 @pytest.mark.usefixtures("interpreted")
 class TestInterpreter:
     @pytest.mark.parametrize("case", FWD_CASES, ids=case_id)
-    def test_forward_matches_reference(self, case):
+    def test_forward_matches_reference(self, case, algo):
         b, L, Q, h, p, g, n, opts = case
         args, kw = make_inputs(b, L, h, p, g, n, seed=L + h, opts=opts)
         y, s = ssd_scan(*args, **kw, return_final_states=True, chunk_size=Q, backend="triton")
@@ -194,7 +202,7 @@ class TestInterpreter:
 
     @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
     @pytest.mark.parametrize("case", GRAD_CASES, ids=case_id)
-    def test_gradients_match_reference(self, case, deterministic):
+    def test_gradients_match_reference(self, case, deterministic, algo):
         b, L, Q, h, p, g, n, opts = case
         args, kw = make_inputs(b, L, h, p, g, n, seed=3 * L, opts=opts)
         from kernels.ssd.triton_scan import ssd_scan_triton
@@ -208,7 +216,7 @@ class TestInterpreter:
             assert rel_err(got[name], ref[name]) < 1e-5, name
 
     @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
-    def test_headdim_blocks_match_reference(self, monkeypatch, deterministic):
+    def test_headdim_blocks_match_reference(self, monkeypatch, deterministic, algo):
         # headdim 40 in blocks of 16 (the last one partial), 2 heads per group: dB, dC, ddt, dA,
         # ddt_bias are partial sums over the blocks; every option on
         monkeypatch.setenv("MDM_SSD_HEADDIM_BLOCK", "16")
@@ -235,13 +243,13 @@ class TestInterpreter:
         assert chunk_block(256) == 64 and chunk_block(20) == 32 and chunk_block(8) == 16
         args, kw = make_inputs(1, 150, 2, 16, 1, 16, seed=91, opts=("z", "D1", "bias", "softplus", "init", "order"))
         yr, sr, ref = run_with_grads(ssd_scan_reference, args, kw)
-        for tune in ("", "fwd_chunk=32,bwd_chunk=16,bwd_warps=2"):
+        for tune in ("", "fwd_chunk=32,bwd_chunk=16,bwd_warps=2", "parallel=1,fwd_chunk=32,bwd_chunk=16"):
             monkeypatch.setenv("MDM_SSD_TUNE", tune)
             y, s, got = run_with_grads(ssd_scan_triton, args, kw, chunk_size=128)
             assert rel_err(y, yr) < 1e-5 and rel_err(s, sr) < 1e-5, tune
             for name in ref:
                 assert rel_err(got[name], ref[name]) < 1e-5, (tune, name)
-        for bad, msg in (("bwd_chunk=128", "out of range"), ("fwd_warps=3", "out of range"),
+        for bad, msg in (("bwd_chunk=128", "out of range"), ("fwd_warps=3", "out of range"), ("parallel=2", "out of range"),
                          ("chunk=32", "bad item"), ("bwd_warps=x", "bad item")):
             monkeypatch.setenv("MDM_SSD_TUNE", bad)
             with pytest.raises(ValueError, match=msg):
@@ -324,7 +332,7 @@ class TestInterpreter:
         assert y.dtype == torch.float16
         assert rel_err(y, ssd_scan_reference(*args, **kw)) < 3e-3
 
-    def test_multi_direction_matches_separate_reference_calls(self):
+    def test_multi_direction_matches_separate_reference_calls(self, algo):
         K, b, L, h, p, g, n = 3, 1, 27, 2, 4, 1, 3
         per = [make_inputs(b, L, h, p, g, n, seed=40 + k, opts=("z", "D1", "bias", "softplus", "init"))
                for k in range(K)]
@@ -480,6 +488,36 @@ class TestGPU:
         assert rel_err(got[0], ref[0]) < 1e-2 and rel_err(got[1], ref[1]) < 1e-2
         for name in ref[2]:
             assert rel_err(got[2][name], ref[2][name]) < 2e-2, name
+
+    def test_parallel_matches_sequential_bf16(self, monkeypatch):
+        # the chunk-parallel kernels (MDM_SSD_TUNE=parallel=1) against the sequential ones (tested
+        # against the reference above), 4 directions with their orders, seq_idx, every option
+        K, L = 4, 3001
+        args, kw = make_inputs(2, L, 8, 64, 2, 64, seed=6, opts=("D2", "z", "bias", "softplus", "init", "seq"),
+                               device="cuda")
+        orders = torch.stack([torch.arange(L, device="cuda"), torch.arange(L - 1, -1, -1, device="cuda"),
+                              torch.randperm(L, device="cuda"), torch.randperm(L, device="cuda")])
+        bf = torch.bfloat16
+        stack = lambda t: torch.stack([t * (1 + 0.1 * k) for k in range(K)])  # noqa: E731
+        x, dt, A, B, C = args
+        base = dict(x=stack(x).to(bf), dt=stack(dt), B=stack(B).to(bf), C=stack(C).to(bf), z=stack(kw["z"]).to(bf),
+                    D=stack(kw["D"]), dt_bias=stack(kw["dt_bias"]), initial_states=stack(kw["initial_states"]))
+        res = {}
+        for tune in ("", "parallel=1"):
+            monkeypatch.setenv("MDM_SSD_TUNE", tune)
+            leaves = {n: t.detach().clone().requires_grad_() for n, t in base.items()}
+            y, s = ssd_scan_multi(leaves["x"], leaves["dt"], A, leaves["B"], leaves["C"], D=leaves["D"], z=leaves["z"],
+                                  dt_bias=leaves["dt_bias"], dt_softplus=True, initial_states=leaves["initial_states"],
+                                  seq_idx=kw["seq_idx"], scan_order=orders, return_final_states=True,
+                                  deterministic=True, backend="triton")
+            g = torch.Generator(device="cuda").manual_seed(0)
+            ((y.float() * torch.randn(y.shape, device="cuda", generator=g)).sum()
+             + (s * torch.randn(s.shape, device="cuda", generator=g)).sum()).backward()
+            res[tune] = (y, s, {n: t.grad for n, t in leaves.items()})
+        (y0, s0, g0), (y1, s1, g1) = res[""], res["parallel=1"]
+        assert rel_err(y1, y0) < 1e-2 and rel_err(s1, s0) < 1e-2
+        for name in g0:
+            assert rel_err(g1[name], g0[name]) < 2e-2, name
 
     def test_multi_direction_bf16(self):
         K, L = 4, 2048

@@ -4,7 +4,8 @@ Backends (same function, different speed):
   * ``torch``: chunked block decomposition in plain PyTorch (``chunked.py``); the CPU path.
   * ``reference``: a sequential loop over positions (``reference.py``); the ground truth.
   * ``triton``: fused Triton kernels, forward and backward (``triton_fwd.py``, ``triton_bwd.py``,
-    autograd in ``triton_scan.py``); CUDA tensors, or CPU under ``TRITON_INTERPRET=1``.
+    autograd in ``triton_scan.py``); CUDA tensors, or CPU under ``TRITON_INTERPRET=1``. Chunks in
+    sequence by default; ``MDM_SSD_TUNE=parallel=1`` runs them in parallel (``triton_par.py``).
   * ``auto``: ``triton`` for CUDA tensors of a dtype it supports, ``torch`` otherwise.
 
 :func:`ssd_scan_multi` runs K directions (each with its own inputs and scan order) at once: one

@@ -28,7 +28,82 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.ssd.triton_fwd import _block, _load_chunk, _strides, chunk_block, headdim_block, ssd_fwd_triton, tuning
+from kernels.ssd.triton_fwd import _apply_D_z, _block, _load_chunk, _strides, chunk_block, headdim_block, ssd_fwd_triton, tuning
+
+
+@triton.jit
+def _chunk_grads(x, Bm, Cm, dtv, dt_raw, acs, seg, valid, Hc, G, dy, zv, Dv, A_h, bias_h, offs_q, causal,
+                 BQ: tl.constexpr, BP: tl.constexpr, dot_t: tl.constexpr, PREC: tl.constexpr,
+                 HAS_D: tl.constexpr, D_HDIM: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """Every gradient of one chunk, given its entry state Hc and G = dLoss/d(state leaving it).
+
+    Returns dx, dz (dy where there is no z), ddt (through softplus/bias, 0 on padding), dB, dC,
+    dH_local (the chunk's own term of dLoss/d(entry state); the rest is chunk_decay * G),
+    chunk_decay, and this chunk's terms of dA, ddt_bias and dD (per headdim column)."""
+    xf = x.to(tl.float32)
+    acs_last = tl.sum(tl.where(offs_q == BQ - 1, acs, 0.0), axis=0)
+    seg_last = tl.max(seg, axis=0)
+    CB = tl.dot(Cm, tl.trans(Bm), input_precision=PREC)
+    keep = causal & (seg[:, None] == seg[None, :])
+    decay = tl.exp(tl.where(keep, acs[:, None] - acs[None, :], -float("inf")))
+    M0 = CB * decay
+    e = tl.where(seg == 0, tl.exp(acs), 0.0)
+    CH = tl.dot(Cm, tl.trans(Hc).to(dot_t), input_precision=PREC)  # (Q, P): H_c @ C_l
+    dz = dy
+    if HAS_Z:
+        # recompute y before the gate for dz
+        y = tl.dot((M0 * dtv[None, :]).to(dot_t), x, input_precision=PREC) + CH * e[:, None]
+        y = _apply_D_z(y, x, Dv, 0.0, HAS_D, D_HDIM, False)
+        sz = tl.sigmoid(zv)
+        dz = dy * y * sz * (1.0 + zv * (1.0 - sz))
+        gy = dy * zv * sz
+    else:
+        gy = dy
+    dD = tl.sum(gy * xf, axis=0)  # per headdim column (summed over it in PyTorch for a per-head D)
+    if HAS_D:
+        if D_HDIM:
+            dx = gy * Dv[None, :]
+        else:
+            dx = gy * Dv
+    else:
+        dx = tl.zeros([BQ, BP], dtype=tl.float32)
+    gyd = gy.to(dot_t)
+
+    # intra-chunk
+    GX = tl.dot(gyd, tl.trans(x), input_precision=PREC)  # (l, s): g_l . x_s
+    dx += tl.dot(tl.trans(M0).to(dot_t), gyd, input_precision=PREC) * dtv[:, None]
+    MGX = M0 * GX
+    ddt = tl.sum(MGX, axis=0)
+    T = MGX * dtv[None, :]
+    dacs = tl.sum(T, axis=1) - tl.sum(T, axis=0)
+    dCB = (decay * GX * dtv[None, :]).to(dot_t)
+    dC = tl.dot(dCB, Bm, input_precision=PREC)
+    dB = tl.dot(tl.trans(dCB), Cm, input_precision=PREC)
+    # state -> output
+    dC += tl.dot(gyd, Hc.to(dot_t), input_precision=PREC) * e[:, None]
+    dacs += e * tl.sum(gy * CH, axis=1)
+    dH_local = tl.dot(tl.trans((gy * e[:, None]).to(dot_t)), Cm, input_precision=PREC)
+    # chunk state -> state leaving the chunk
+    wdec = tl.where(seg == seg_last, tl.exp(acs_last - acs), 0.0)
+    w = wdec * dtv
+    Gd = G.to(dot_t)
+    BG = tl.dot(Bm, tl.trans(Gd), input_precision=PREC)  # (Q, P): G @ B_s
+    dx += BG * w[:, None]
+    dB += tl.dot(x, Gd, input_precision=PREC) * w[:, None]
+    V = wdec * tl.sum(xf * BG, axis=1)
+    ddt += V
+    dacs -= dtv * V
+    chunk_decay = tl.where(seg_last == 0, tl.exp(acs_last), 0.0)
+    dacs_last = tl.sum(dtv * V, axis=0) + chunk_decay * tl.sum(tl.sum(Hc * G, axis=1), axis=0)
+    dacs += tl.where(offs_q == BQ - 1, dacs_last, 0.0)
+    # acs = cumsum(dt * A)
+    da = tl.cumsum(dacs, axis=0, reverse=True)
+    ddt += da * A_h
+    dA = tl.sum(da * dtv, axis=0)
+    if SOFTPLUS:
+        ddt = ddt * tl.sigmoid(dt_raw + bias_h)
+    ddt = tl.where(valid, ddt, 0.0)
+    return dx, dz, ddt, dB, dC, dH_local, chunk_decay, dA, tl.sum(ddt, axis=0), dD
 
 
 @triton.jit
@@ -78,6 +153,7 @@ def _ssd_bwd_kernel(
     bias_h = 0.0
     if HAS_BIAS:
         bias_h = tl.load(bias_ptr + k * s_biask + h * s_biash).to(tl.float32)
+    Dv = 0.0
     if HAS_D:
         if D_HDIM:
             Dv = tl.load(D_ptr + k * s_Dk + h * s_Dh + offs_p * s_Dp, mask=mp, other=0.0).to(tl.float32)
@@ -104,83 +180,23 @@ def _ssd_bwd_kernel(
             BQ, BP, BN, HAS_BIAS, SOFTPLUS, HAS_SEQ, HAS_ORDER)
         Hc = tl.load(st_base + c * headdim * dstate + offs_p[:, None] * dstate + offs_n[None, :],
                      mask=state_mask, other=0.0)
-        acs_last = tl.sum(tl.where(offs_q == BQ - 1, acs, 0.0), axis=0)
-        seg_last = tl.max(seg, axis=0)
         omask = valid[:, None] & mp[None, :]
-        xf = x.to(tl.float32)
         dy = tl.load(dy_ptr + k * s_yk + b * s_yb + pos[:, None] * s_yl + h * s_yh + offs_p[None, :] * s_yp,
                      mask=omask, other=0.0).to(tl.float32)
-
-        CB = tl.dot(Cm, tl.trans(Bm), input_precision=PREC)
-        keep = causal & (seg[:, None] == seg[None, :])
-        decay = tl.exp(tl.where(keep, acs[:, None] - acs[None, :], -float("inf")))
-        M0 = CB * decay
-        e = tl.where(seg == 0, tl.exp(acs), 0.0)
-        CH = tl.dot(Cm, tl.trans(Hc).to(dot_t), input_precision=PREC)  # (Q, P): H_c @ C_l
+        zv = dy
         if HAS_Z:
-            # recompute y before the gate for dz
-            y = tl.dot((M0 * dtv[None, :]).to(dot_t), x, input_precision=PREC) + CH * e[:, None]
-            if HAS_D:
-                if D_HDIM:
-                    y += xf * Dv[None, :]
-                else:
-                    y += xf * Dv
             zv = tl.load(z_ptr + k * s_zk + b * s_zb + pos[:, None] * s_zl + h * s_zh + offs_p[None, :] * s_zp,
                          mask=omask, other=0.0).to(tl.float32)
-            sz = tl.sigmoid(zv)
-            dz = dy * y * sz * (1.0 + zv * (1.0 - sz))
+        dx, dz, ddt, dB, dC, dH_local, chunk_decay, dA_c, dbias_c, dD_c = _chunk_grads(
+            x, Bm, Cm, dtv, dt_raw, acs, seg, valid, Hc, G, dy, zv, Dv, A_h, bias_h, offs_q, causal,
+            BQ, BP, dot_t, PREC, HAS_D, D_HDIM, HAS_Z, SOFTPLUS)
+        if HAS_Z:
             tl.store(dz_ptr + k * s_yk + b * s_yb + pos[:, None] * s_yl + h * s_yh + offs_p[None, :] * s_yp,
                      dz.to(dz_ptr.dtype.element_ty), mask=omask)
-            gy = dy * zv * sz
-        else:
-            gy = dy
-        if HAS_D:
-            if D_HDIM:
-                dD_acc += tl.sum(gy * xf, axis=0)
-                dx = gy * Dv[None, :]
-            else:
-                dD_acc += tl.sum(gy * xf, axis=0)  # summed over headdim in PyTorch
-                dx = gy * Dv
-        else:
-            dx = tl.zeros([BQ, BP], dtype=tl.float32)
-        gyd = gy.to(dot_t)
-
-        # intra-chunk
-        GX = tl.dot(gyd, tl.trans(x), input_precision=PREC)  # (l, s): g_l . x_s
-        dx += tl.dot(tl.trans(M0).to(dot_t), gyd, input_precision=PREC) * dtv[:, None]
-        MGX = M0 * GX
-        ddt = tl.sum(MGX, axis=0)
-        T = MGX * dtv[None, :]
-        dacs = tl.sum(T, axis=1) - tl.sum(T, axis=0)
-        dCB = (decay * GX * dtv[None, :]).to(dot_t)
-        dC = tl.dot(dCB, Bm, input_precision=PREC)
-        dB = tl.dot(tl.trans(dCB), Cm, input_precision=PREC)
-        # state -> output
-        dC += tl.dot(gyd, Hc.to(dot_t), input_precision=PREC) * e[:, None]
-        dacs += e * tl.sum(gy * CH, axis=1)
-        dH_local = tl.dot(tl.trans((gy * e[:, None]).to(dot_t)), Cm, input_precision=PREC)
-        # chunk state -> state leaving the chunk
-        wdec = tl.where(seg == seg_last, tl.exp(acs_last - acs), 0.0)
-        w = wdec * dtv
-        Gd = G.to(dot_t)
-        BG = tl.dot(Bm, tl.trans(Gd), input_precision=PREC)  # (Q, P): G @ B_s
-        dx += BG * w[:, None]
-        dB += tl.dot(x, Gd, input_precision=PREC) * w[:, None]
-        V = wdec * tl.sum(xf * BG, axis=1)
-        ddt += V
-        dacs -= dtv * V
-        chunk_decay = tl.where(seg_last == 0, tl.exp(acs_last), 0.0)
-        dacs_last = tl.sum(dtv * V, axis=0) + chunk_decay * tl.sum(tl.sum(Hc * G, axis=1), axis=0)
-        dacs += tl.where(offs_q == BQ - 1, dacs_last, 0.0)
         G = G * chunk_decay + dH_local
-        # acs = cumsum(dt * A)
-        da = tl.cumsum(dacs, axis=0, reverse=True)
-        ddt += da * A_h
-        dA_acc += tl.sum(da * dtv, axis=0)
-        if SOFTPLUS:
-            ddt = ddt * tl.sigmoid(dt_raw + bias_h)
-        ddt = tl.where(valid, ddt, 0.0)
-        dbias_acc += tl.sum(ddt, axis=0)
+        dA_acc += dA_c
+        dbias_acc += dbias_c
+        dD_acc += dD_c
 
         tl.store(dx_ptr + k * s_yk + b * s_yb + pos[:, None] * s_yl + h * s_yh + offs_p[None, :] * s_yp,
                  dx.to(dx_ptr.dtype.element_ty), mask=omask)

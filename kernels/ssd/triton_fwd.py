@@ -96,6 +96,45 @@ def _load_chunk(
 
 
 @triton.jit
+def _chunk_y(Cm, Bm, x, dtv, acs, seg, H, causal, dot_t: tl.constexpr, PREC: tl.constexpr):
+    """y of one chunk before D and the gate: intra-chunk (C B^T * decay * dt_s) @ x, plus the
+    entry state H seen through exp(acs_l) (C_l @ H^T) where the chunk's entry segment continues."""
+    CB = tl.dot(Cm, tl.trans(Bm), input_precision=PREC)
+    keep = causal & (seg[:, None] == seg[None, :])
+    decay = tl.exp(tl.where(keep, acs[:, None] - acs[None, :], -float("inf")))
+    y = tl.dot((CB * decay * dtv[None, :]).to(dot_t), x, input_precision=PREC)
+    e = tl.where(seg == 0, tl.exp(acs), 0.0)
+    y += tl.dot(Cm, tl.trans(H).to(dot_t), input_precision=PREC) * e[:, None]
+    return y
+
+
+@triton.jit
+def _apply_D_z(y, x, Dv, zv, HAS_D: tl.constexpr, D_HDIM: tl.constexpr, HAS_Z: tl.constexpr):
+    """y += D x; y *= silu(z)."""
+    if HAS_D:
+        if D_HDIM:
+            y += x.to(tl.float32) * Dv[None, :]
+        else:
+            y += x.to(tl.float32) * Dv
+    if HAS_Z:
+        y = y * zv * tl.sigmoid(zv)
+    return y
+
+
+@triton.jit
+def _chunk_state(x, Bm, dtv, acs, seg, offs_q, BQ: tl.constexpr, dot_t: tl.constexpr, PREC: tl.constexpr):
+    """The chunk's own contribution to the state leaving it, sum_s w_s outer(x_s, B_s) with
+    w_s = dt_s exp(acs_last - acs_s) (last segment only), and the decay of the state entering it
+    (0 where a segment starts inside the chunk)."""
+    acs_last = tl.sum(tl.where(offs_q == BQ - 1, acs, 0.0), axis=0)
+    seg_last = tl.max(seg, axis=0)
+    w = tl.where(seg == seg_last, dtv * tl.exp(acs_last - acs), 0.0)
+    chunk_decay = tl.where(seg_last == 0, tl.exp(acs_last), 0.0)
+    S = tl.dot(tl.trans((x.to(tl.float32) * w[:, None]).to(dot_t)), Bm, input_precision=PREC)
+    return S, chunk_decay
+
+
+@triton.jit
 def _ssd_fwd_kernel(
     x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, init_ptr, seq_ptr, order_ptr,
     y_ptr, final_ptr, states_ptr,
@@ -136,6 +175,7 @@ def _ssd_fwd_kernel(
     bias_h = 0.0
     if HAS_BIAS:
         bias_h = tl.load(bias_ptr + k * s_biask + h * s_biash).to(tl.float32)
+    Dv = 0.0
     if HAS_D:
         if D_HDIM:
             Dv = tl.load(D_ptr + k * s_Dk + h * s_Dh + offs_p * s_Dp, mask=mp, other=0.0).to(tl.float32)
@@ -159,35 +199,18 @@ def _ssd_fwd_kernel(
             BQ, BP, BN, HAS_BIAS, SOFTPLUS, HAS_SEQ, HAS_ORDER)
         if STORE_STATES:
             tl.store(st_base + c * headdim * dstate + offs_p[:, None] * dstate + offs_n[None, :], H, mask=state_mask)
-        acs_last = tl.sum(tl.where(offs_q == BQ - 1, acs, 0.0), axis=0)
-        seg_last = tl.max(seg, axis=0)
         if WRITE_Y:
-            # intra-chunk: (C B^T * decay * dt_s) @ x
-            CB = tl.dot(Cm, tl.trans(Bm), input_precision=PREC)
-            keep = causal & (seg[:, None] == seg[None, :])
-            decay = tl.exp(tl.where(keep, acs[:, None] - acs[None, :], -float("inf")))
-            M = CB * decay * dtv[None, :]
-            y = tl.dot(M.to(dot_t), x, input_precision=PREC)
-            # off-diagonal: exp(acs_l) (C_l @ H^T), only where the chunk's entry segment continues
-            e = tl.where(seg == 0, tl.exp(acs), 0.0)
-            y += tl.dot(Cm, tl.trans(H).to(dot_t), input_precision=PREC) * e[:, None]
-            if HAS_D:
-                if D_HDIM:
-                    y += x.to(tl.float32) * Dv[None, :]
-                else:
-                    y += x.to(tl.float32) * Dv
+            y = _chunk_y(Cm, Bm, x, dtv, acs, seg, H, causal, dot_t, PREC)
             omask = valid[:, None] & mp[None, :]
+            zv = 0.0
             if HAS_Z:
                 zv = tl.load(z_ptr + k * s_zk + b * s_zb + pos[:, None] * s_zl + h * s_zh + offs_p[None, :] * s_zp,
                              mask=omask, other=0.0).to(tl.float32)
-                y = y * zv * tl.sigmoid(zv)
+            y = _apply_D_z(y, x, Dv, zv, HAS_D, D_HDIM, HAS_Z)
             tl.store(y_ptr + k * s_yk + b * s_yb + pos[:, None] * s_yl + h * s_yh + offs_p[None, :] * s_yp,
                      y.to(y_ptr.dtype.element_ty), mask=omask)
-        # state passing
-        w = tl.where(seg == seg_last, dtv * tl.exp(acs_last - acs), 0.0)
-        chunk_decay = tl.where(seg_last == 0, tl.exp(acs_last), 0.0)
-        xw = (x.to(tl.float32) * w[:, None]).to(dot_t)
-        H = H * chunk_decay + tl.dot(tl.trans(xw), Bm, input_precision=PREC)
+        S, chunk_decay = _chunk_state(x, Bm, dtv, acs, seg, offs_q, BQ, dot_t, PREC)
+        H = H * chunk_decay + S
 
     tl.store(final_ptr + prog_kbh.to(tl.int64) * headdim * dstate
              + offs_p[:, None] * dstate + offs_n[None, :], H, mask=state_mask)
@@ -198,13 +221,14 @@ def _block(n: int) -> int:
 
 
 MAX_CHUNK_BLOCK = 64  # larger chunks need more shared memory than an H100 has (256: 313 KB > 227 KB)
-TUNE_KEYS = ("fwd_chunk", "fwd_warps", "bwd_chunk", "bwd_warps")
+TUNE_KEYS = ("fwd_chunk", "fwd_warps", "bwd_chunk", "bwd_warps", "parallel")
 
 
 def tuning() -> dict[str, int]:
     """Launch settings forced through the environment variable MDM_SSD_TUNE, e.g.
-    ``MDM_SSD_TUNE=bwd_chunk=32,bwd_warps=16`` (keys: fwd_chunk, fwd_warps, bwd_chunk, bwd_warps;
-    chunks are powers of two in [16, 64], warps 1..16). Only speed depends on them, not results."""
+    ``MDM_SSD_TUNE=bwd_chunk=32,bwd_warps=16`` (keys: fwd_chunk, fwd_warps, bwd_chunk, bwd_warps,
+    parallel; chunks are powers of two in [16, 64], warps 1, 2, 4, 8 or 16, parallel 0 or 1: the
+    chunk-parallel kernels of ``triton_par.py``). Only speed depends on them, not results."""
     raw = os.environ.get("MDM_SSD_TUNE", "").strip()
     out = {}
     for item in filter(None, (t.strip() for t in raw.split(","))):
@@ -212,10 +236,13 @@ def tuning() -> dict[str, int]:
         if key not in TUNE_KEYS or not val.strip().isdigit():
             raise ValueError(f"MDM_SSD_TUNE: bad item {item!r}; allowed: {', '.join(k + '=INT' for k in TUNE_KEYS)}")
         v = int(val)
-        ok = (16 <= v <= MAX_CHUNK_BLOCK and v & (v - 1) == 0) if key.endswith("chunk") else v in (1, 2, 4, 8, 16)
+        if key.endswith("chunk"):
+            ok = 16 <= v <= MAX_CHUNK_BLOCK and v & (v - 1) == 0
+        else:
+            ok = v in ((0, 1) if key == "parallel" else (1, 2, 4, 8, 16))
         if not ok:
             raise ValueError(f"MDM_SSD_TUNE: {key}={v} out of range (chunks: powers of two 16..{MAX_CHUNK_BLOCK}; "
-                             "warps: 1, 2, 4, 8 or 16)")
+                             "warps: 1, 2, 4, 8 or 16; parallel: 0 or 1)")
         out[key] = v
     return out
 

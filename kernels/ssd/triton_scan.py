@@ -55,8 +55,14 @@ class SSDScanFn(torch.autograd.Function):
         tune = tuning()
         K, batch, _, nheads, headdim = x.shape
         block_p = headdim_block(headdim, K * batch * nheads, x.device)
-        y, final, _ = ssd_fwd_triton(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_states,
-                                     seq_idx, scan_order, chunk_size, block_p=block_p, tune=tune)
+        if tune.get("parallel"):
+            from kernels.ssd.triton_par import ssd_fwd_parallel
+
+            y, final = ssd_fwd_parallel(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_states,
+                                        seq_idx, scan_order, chunk_size, block_p=block_p, tune=tune)
+        else:
+            y, final, _ = ssd_fwd_triton(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_states,
+                                         seq_idx, scan_order, chunk_size, block_p=block_p, tune=tune)
         ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, scan_order)
         ctx.opts = (dt_softplus, chunk_size, deterministic)
         ctx.launch = dict(block_p=block_p, tune=tune)
@@ -69,8 +75,11 @@ class SSDScanFn(torch.autograd.Function):
         dt_softplus, chunk_size, deterministic = ctx.opts
         if dy is None:
             dy = torch.zeros_like(x)
-        grads = ssd_bwd_triton(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_states,
-                               seq_idx, scan_order, chunk_size, deterministic, **ctx.launch)
+        bwd = ssd_bwd_triton
+        if ctx.launch["tune"].get("parallel"):
+            from kernels.ssd.triton_par import ssd_bwd_parallel as bwd
+        grads = bwd(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_states,
+                    seq_idx, scan_order, chunk_size, deterministic, **ctx.launch)
         return (*grads, None, None, None, None, None)
 
 

@@ -1,0 +1,411 @@
+"""Chunk-parallel Triton SSD scan: the chunks of a sequence run in parallel programs.
+
+The sequential kernels (``triton_fwd.py``, ``triton_bwd.py``) give each (batch, head, direction)
+one program that walks its chunks in order, carrying the state in registers: no state ever goes
+to memory, but a program's time is the sum of its chunks' latencies, and one direction at batch 1
+fills a fraction of a large GPU. Here every pass that does the chunk math is parallel over
+(batch, head, headdim block, chunk, direction), as in mamba-ssm's SSD kernels, and only a light
+pass over the chunk-boundary states is sequential:
+
+forward   1. ``_par_state_kernel``  per chunk: its own state term S_c and the decay of the state
+                                    entering it (``_chunk_state``), written to a buffer
+          2. ``_par_pass_kernel``   per (b, h, k) tile of the state, chunk by chunk: replaces S_c
+                                    by the state entering chunk c, H_c; H_{c+1} = decay_c H_c + S_c
+          3. ``_par_out_kernel``    per chunk: y from the chunk and H_c (``_chunk_y``), D, gate
+backward  1-2. as above: H_c for every chunk
+          3. ``_par_dstate_kernel`` per chunk: its own term of dLoss/d(state entering it),
+                                    dH_c = sum_l e_l outer(g_l, C_l)
+          4. ``_par_pass_kernel``   reversed: replaces dH_c by G_c = dLoss/d(state leaving chunk c);
+                                    G_{c-1} = decay_c G_c + dH_c, ending in d(initial states)
+          5. ``_par_grad_kernel``   per chunk: every gradient from H_c and G_c (``_chunk_grads``)
+
+The per-chunk math is the sequential kernels' own (shared jit helpers), so both compute the same
+function; the buffers cost (K, batch, nheads, nchunks, headdim, dstate) float32. Scan orders are
+gathered on load and scattered on store as there. Chosen with ``MDM_SSD_TUNE=parallel=1``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.ssd.triton_bwd import _chunk_grads
+from kernels.ssd.triton_fwd import (_apply_D_z, _block, _chunk_state, _chunk_y, _load_chunk, _strides, chunk_block,
+                                    headdim_block, tuning)
+
+
+@triton.jit
+def _program_ids(nheads, npb, BP: tl.constexpr):
+    """(pid, chunk c, direction k, b, h, headdim block j, its first column p0, index of (k, b, h))."""
+    pid = tl.program_id(0)
+    c = tl.program_id(1).to(tl.int64)
+    k = tl.program_id(2).to(tl.int64)
+    bh = pid // npb
+    j = (pid % npb).to(tl.int64)
+    b = (bh // nheads).to(tl.int64)
+    h = (bh % nheads).to(tl.int64)
+    kbh = k * (tl.num_programs(0) // npb) + bh
+    return pid, c, k, b, h, j, j * BP, kbh.to(tl.int64)
+
+
+@triton.jit
+def _head_params(A_ptr, bias_ptr, D_ptr, k, h, offs_p, mp, s_ak, s_ah, s_biask, s_biash, s_Dk, s_Dh, s_Dp,
+                 HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr, D_HDIM: tl.constexpr):
+    A_h = tl.load(A_ptr + k * s_ak + h * s_ah).to(tl.float32)
+    bias_h = 0.0
+    if HAS_BIAS:
+        bias_h = tl.load(bias_ptr + k * s_biask + h * s_biash).to(tl.float32)
+    Dv = 0.0
+    if HAS_D:
+        if D_HDIM:
+            Dv = tl.load(D_ptr + k * s_Dk + h * s_Dh + offs_p * s_Dp, mask=mp, other=0.0).to(tl.float32)
+        else:
+            Dv = tl.load(D_ptr + k * s_Dk + h * s_Dh).to(tl.float32)
+    return A_h, bias_h, Dv
+
+
+@triton.jit
+def _par_state_kernel(
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, bias_ptr, seq_ptr, order_ptr, S_ptr, decay_ptr,
+    L, nheads, rep, headdim, dstate, nchunks, npb,
+    s_xk, s_xb, s_xl, s_xh, s_xp, s_dk, s_db, s_dl, s_dh, s_ak, s_ah,
+    s_bk, s_bb, s_bl, s_bg, s_bn, s_ck, s_cb, s_cl, s_cg, s_cn, s_biask, s_biash,
+    s_sk, s_sb, s_sl, s_ok, s_ol,
+    BQ: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_ORDER: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    pid, c, k, b, h, j, p0, kbh = _program_ids(nheads, npb, BP)
+    g = h // rep
+    offs_q = tl.arange(0, BQ)
+    offs_p = p0 + tl.arange(0, BP)
+    offs_n = tl.arange(0, BN)
+    mp = offs_p < headdim
+    A_h, bias_h, _ = _head_params(A_ptr, bias_ptr, A_ptr, k, h, offs_p, mp, s_ak, s_ah, s_biask, s_biash,
+                                  0, 0, 0, HAS_BIAS, False, False)
+    pos, valid, dt_raw, dtv, acs, x, Bm, Cm, seg = _load_chunk(
+        c, L, k, b, h, g, p0, A_h, bias_h, x_ptr, dt_ptr, B_ptr, C_ptr, seq_ptr, order_ptr,
+        s_xk, s_xb, s_xl, s_xh, s_xp, s_dk, s_db, s_dl, s_dh, s_bk, s_bb, s_bl, s_bg, s_bn,
+        s_ck, s_cb, s_cl, s_cg, s_cn, s_sk, s_sb, s_sl, s_ok, s_ol, headdim, dstate,
+        BQ, BP, BN, HAS_BIAS, SOFTPLUS, HAS_SEQ, HAS_ORDER)
+    S, chunk_decay = _chunk_state(x, Bm, dtv, acs, seg, offs_q, BQ, x_ptr.dtype.element_ty, PREC)
+    tile = (kbh * nchunks + c) * headdim * dstate + offs_p[:, None] * dstate + offs_n[None, :]
+    tl.store(S_ptr + tile, S, mask=mp[:, None] & (offs_n < dstate)[None, :])
+    tl.store(decay_ptr + kbh * nchunks + c, chunk_decay)  # the same value from every headdim block
+
+
+@triton.jit
+def _par_pass_kernel(
+    buf_ptr, decay_ptr, init_ptr, out_ptr,
+    batch, nheads, headdim, dstate, nchunks,
+    s_ik, s_ib, s_ih, s_ip, s_in,
+    TP: tl.constexpr, TN: tl.constexpr, HAS_INIT: tl.constexpr, REVERSE: tl.constexpr,
+):
+    """Chunk by chunk over one (TP, TN) tile of the (k, b, h) state: buf[c] is replaced by the carry
+    before chunk c (in scan order, or reversed), carry = decay_c * carry + buf[c]; out = the last carry."""
+    kbh = tl.program_id(0).to(tl.int64)
+    offs_p = tl.program_id(1) * TP + tl.arange(0, TP)
+    offs_n = tl.program_id(2) * TN + tl.arange(0, TN)
+    mask = (offs_p < headdim)[:, None] & (offs_n < dstate)[None, :]
+    k = kbh // (batch * nheads)
+    b = (kbh // nheads) % batch
+    h = kbh % nheads
+    if HAS_INIT:
+        H = tl.load(init_ptr + k * s_ik + b * s_ib + h * s_ih + offs_p[:, None] * s_ip + offs_n[None, :] * s_in,
+                    mask=mask, other=0.0).to(tl.float32)
+    else:
+        H = tl.zeros([TP, TN], dtype=tl.float32)
+    tile = offs_p[:, None] * dstate + offs_n[None, :]
+    for i in range(nchunks):
+        if REVERSE:
+            c = nchunks - 1 - i
+        else:
+            c = i
+        at = buf_ptr + (kbh * nchunks + c) * headdim * dstate + tile
+        S = tl.load(at, mask=mask, other=0.0)
+        tl.store(at, H, mask=mask)
+        H = H * tl.load(decay_ptr + kbh * nchunks + c) + S
+    tl.store(out_ptr + kbh * headdim * dstate + tile, H, mask=mask)
+
+
+@triton.jit
+def _par_out_kernel(
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, seq_ptr, order_ptr, states_ptr, y_ptr,
+    L, nheads, rep, headdim, dstate, nchunks, npb,
+    s_xk, s_xb, s_xl, s_xh, s_xp, s_dk, s_db, s_dl, s_dh, s_ak, s_ah,
+    s_bk, s_bb, s_bl, s_bg, s_bn, s_ck, s_cb, s_cl, s_cg, s_cn,
+    s_Dk, s_Dh, s_Dp, s_zk, s_zb, s_zl, s_zh, s_zp, s_biask, s_biash,
+    s_sk, s_sb, s_sl, s_ok, s_ol, s_yk, s_yb, s_yl, s_yh, s_yp,
+    BQ: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+    HAS_D: tl.constexpr, D_HDIM: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_ORDER: tl.constexpr, PREC: tl.constexpr,
+):
+    pid, c, k, b, h, j, p0, kbh = _program_ids(nheads, npb, BP)
+    g = h // rep
+    offs_q = tl.arange(0, BQ)
+    offs_p = p0 + tl.arange(0, BP)
+    offs_n = tl.arange(0, BN)
+    mp = offs_p < headdim
+    A_h, bias_h, Dv = _head_params(A_ptr, bias_ptr, D_ptr, k, h, offs_p, mp, s_ak, s_ah, s_biask, s_biash,
+                                   s_Dk, s_Dh, s_Dp, HAS_BIAS, HAS_D, D_HDIM)
+    pos, valid, dt_raw, dtv, acs, x, Bm, Cm, seg = _load_chunk(
+        c, L, k, b, h, g, p0, A_h, bias_h, x_ptr, dt_ptr, B_ptr, C_ptr, seq_ptr, order_ptr,
+        s_xk, s_xb, s_xl, s_xh, s_xp, s_dk, s_db, s_dl, s_dh, s_bk, s_bb, s_bl, s_bg, s_bn,
+        s_ck, s_cb, s_cl, s_cg, s_cn, s_sk, s_sb, s_sl, s_ok, s_ol, headdim, dstate,
+        BQ, BP, BN, HAS_BIAS, SOFTPLUS, HAS_SEQ, HAS_ORDER)
+    H = tl.load(states_ptr + (kbh * nchunks + c) * headdim * dstate + offs_p[:, None] * dstate + offs_n[None, :],
+                mask=mp[:, None] & (offs_n < dstate)[None, :], other=0.0)
+    causal = offs_q[:, None] >= offs_q[None, :]
+    y = _chunk_y(Cm, Bm, x, dtv, acs, seg, H, causal, x_ptr.dtype.element_ty, PREC)
+    omask = valid[:, None] & mp[None, :]
+    zv = 0.0
+    if HAS_Z:
+        zv = tl.load(z_ptr + k * s_zk + b * s_zb + pos[:, None] * s_zl + h * s_zh + offs_p[None, :] * s_zp,
+                     mask=omask, other=0.0).to(tl.float32)
+    y = _apply_D_z(y, x, Dv, zv, HAS_D, D_HDIM, HAS_Z)
+    tl.store(y_ptr + k * s_yk + b * s_yb + pos[:, None] * s_yl + h * s_yh + offs_p[None, :] * s_yp,
+             y.to(y_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.jit
+def _par_dstate_kernel(
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, z_ptr, bias_ptr, seq_ptr, order_ptr, dy_ptr, dH_ptr,
+    L, nheads, rep, headdim, dstate, nchunks, npb,
+    s_xk, s_xb, s_xl, s_xh, s_xp, s_dk, s_db, s_dl, s_dh, s_ak, s_ah,
+    s_bk, s_bb, s_bl, s_bg, s_bn, s_ck, s_cb, s_cl, s_cg, s_cn,
+    s_zk, s_zb, s_zl, s_zh, s_zp, s_biask, s_biash,
+    s_sk, s_sb, s_sl, s_ok, s_ol, s_yk, s_yb, s_yl, s_yh, s_yp,
+    BQ: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+    HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr,
+    HAS_ORDER: tl.constexpr, PREC: tl.constexpr,
+):
+    pid, c, k, b, h, j, p0, kbh = _program_ids(nheads, npb, BP)
+    g = h // rep
+    offs_p = p0 + tl.arange(0, BP)
+    offs_n = tl.arange(0, BN)
+    mp = offs_p < headdim
+    A_h, bias_h, _ = _head_params(A_ptr, bias_ptr, A_ptr, k, h, offs_p, mp, s_ak, s_ah, s_biask, s_biash,
+                                  0, 0, 0, HAS_BIAS, False, False)
+    pos, valid, dt_raw, dtv, acs, x, Bm, Cm, seg = _load_chunk(
+        c, L, k, b, h, g, p0, A_h, bias_h, x_ptr, dt_ptr, B_ptr, C_ptr, seq_ptr, order_ptr,
+        s_xk, s_xb, s_xl, s_xh, s_xp, s_dk, s_db, s_dl, s_dh, s_bk, s_bb, s_bl, s_bg, s_bn,
+        s_ck, s_cb, s_cl, s_cg, s_cn, s_sk, s_sb, s_sl, s_ok, s_ol, headdim, dstate,
+        BQ, BP, BN, HAS_BIAS, SOFTPLUS, HAS_SEQ, HAS_ORDER)
+    omask = valid[:, None] & mp[None, :]
+    gy = tl.load(dy_ptr + k * s_yk + b * s_yb + pos[:, None] * s_yl + h * s_yh + offs_p[None, :] * s_yp,
+                 mask=omask, other=0.0).to(tl.float32)
+    if HAS_Z:
+        zv = tl.load(z_ptr + k * s_zk + b * s_zb + pos[:, None] * s_zl + h * s_zh + offs_p[None, :] * s_zp,
+                     mask=omask, other=0.0).to(tl.float32)
+        gy = gy * zv * tl.sigmoid(zv)
+    e = tl.where(seg == 0, tl.exp(acs), 0.0)
+    dH = tl.dot(tl.trans((gy * e[:, None]).to(x_ptr.dtype.element_ty)), Cm, input_precision=PREC)
+    tl.store(dH_ptr + (kbh * nchunks + c) * headdim * dstate + offs_p[:, None] * dstate + offs_n[None, :], dH,
+             mask=mp[:, None] & (offs_n < dstate)[None, :])
+
+
+@triton.jit
+def _par_grad_kernel(
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, seq_ptr, order_ptr,
+    states_ptr, G_ptr, dy_ptr,
+    dx_ptr, dz_ptr, ddt_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr,
+    L, nheads, rep, headdim, dstate, nchunks, npb,
+    s_xk, s_xb, s_xl, s_xh, s_xp, s_dk, s_db, s_dl, s_dh, s_ak, s_ah,
+    s_bk, s_bb, s_bl, s_bg, s_bn, s_ck, s_cb, s_cl, s_cg, s_cn,
+    s_Dk, s_Dh, s_Dp, s_zk, s_zb, s_zl, s_zh, s_zp, s_biask, s_biash,
+    s_sk, s_sb, s_sl, s_ok, s_ol, s_yk, s_yb, s_yl, s_yh, s_yp,
+    s_gk, s_gb, s_gl, s_gh, s_gn, s_tj, s_tk, s_tb, s_tl, s_th,
+    BQ: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+    HAS_D: tl.constexpr, D_HDIM: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_ORDER: tl.constexpr,
+    PER_HEAD_DBC: tl.constexpr, PREC: tl.constexpr,
+):
+    pid, c, k, b, h, j, p0, kbh = _program_ids(nheads, npb, BP)
+    g = h // rep
+    offs_q = tl.arange(0, BQ)
+    offs_p = p0 + tl.arange(0, BP)
+    offs_n = tl.arange(0, BN)
+    mp = offs_p < headdim
+    mn = offs_n < dstate
+    A_h, bias_h, Dv = _head_params(A_ptr, bias_ptr, D_ptr, k, h, offs_p, mp, s_ak, s_ah, s_biask, s_biash,
+                                   s_Dk, s_Dh, s_Dp, HAS_BIAS, HAS_D, D_HDIM)
+    pos, valid, dt_raw, dtv, acs, x, Bm, Cm, seg = _load_chunk(
+        c, L, k, b, h, g, p0, A_h, bias_h, x_ptr, dt_ptr, B_ptr, C_ptr, seq_ptr, order_ptr,
+        s_xk, s_xb, s_xl, s_xh, s_xp, s_dk, s_db, s_dl, s_dh, s_bk, s_bb, s_bl, s_bg, s_bn,
+        s_ck, s_cb, s_cl, s_cg, s_cn, s_sk, s_sb, s_sl, s_ok, s_ol, headdim, dstate,
+        BQ, BP, BN, HAS_BIAS, SOFTPLUS, HAS_SEQ, HAS_ORDER)
+    tile = (kbh * nchunks + c) * headdim * dstate + offs_p[:, None] * dstate + offs_n[None, :]
+    state_mask = mp[:, None] & mn[None, :]
+    Hc = tl.load(states_ptr + tile, mask=state_mask, other=0.0)
+    G = tl.load(G_ptr + tile, mask=state_mask, other=0.0)
+    omask = valid[:, None] & mp[None, :]
+    dy = tl.load(dy_ptr + k * s_yk + b * s_yb + pos[:, None] * s_yl + h * s_yh + offs_p[None, :] * s_yp,
+                 mask=omask, other=0.0).to(tl.float32)
+    zv = dy
+    if HAS_Z:
+        zv = tl.load(z_ptr + k * s_zk + b * s_zb + pos[:, None] * s_zl + h * s_zh + offs_p[None, :] * s_zp,
+                     mask=omask, other=0.0).to(tl.float32)
+    causal = offs_q[:, None] >= offs_q[None, :]
+    dx, dz, ddt, dB, dC, _, _, dA_c, dbias_c, dD_c = _chunk_grads(
+        x, Bm, Cm, dtv, dt_raw, acs, seg, valid, Hc, G, dy, zv, Dv, A_h, bias_h, offs_q, causal,
+        BQ, BP, x_ptr.dtype.element_ty, PREC, HAS_D, D_HDIM, HAS_Z, SOFTPLUS)
+    out = k * s_yk + b * s_yb + pos[:, None] * s_yl + h * s_yh + offs_p[None, :] * s_yp
+    if HAS_Z:
+        tl.store(dz_ptr + out, dz.to(dz_ptr.dtype.element_ty), mask=omask)
+    tl.store(dx_ptr + out, dx.to(dx_ptr.dtype.element_ty), mask=omask)
+    tl.store(ddt_ptr + j * s_tj + k * s_tk + b * s_tb + pos * s_tl + h * s_th, ddt, mask=valid)
+    hb = h * npb + j if PER_HEAD_DBC else g
+    nmask = valid[:, None] & mn[None, :]
+    off_g = k * s_gk + b * s_gb + pos[:, None] * s_gl + hb * s_gh + offs_n[None, :] * s_gn
+    if PER_HEAD_DBC:
+        tl.store(dB_ptr + off_g, dB, mask=nmask)
+        tl.store(dC_ptr + off_g, dC, mask=nmask)
+    else:
+        tl.atomic_add(dB_ptr + off_g, dB, mask=nmask)
+        tl.atomic_add(dC_ptr + off_g, dC, mask=nmask)
+    prog = (k * tl.num_programs(0) + pid) * nchunks + c  # (K, batch, nheads, npb, nchunks)
+    tl.store(dA_ptr + prog, dA_c)
+    tl.store(dbias_ptr + prog, dbias_c)
+    tl.store(dD_ptr + (kbh * nchunks + c) * headdim + offs_p, dD_c, mask=mp)
+
+
+def _entry_states(x, dt, A, B, C, dt_bias, dt_softplus, initial_states, seq_idx, scan_order, BQ, BP, npb, prec):
+    """Passes 1-2: the state entering every chunk (K, b, h, nchunks, p, n), the chunk decays
+    (K, b, h, nchunks) and the final states (K, b, h, p, n), all float32."""
+    K, batch, L, nheads, headdim = x.shape
+    ngroups, dstate = B.shape[-2:]
+    nchunks = triton.cdiv(L, BQ)
+    dev = x.device
+    states = torch.empty(K, batch, nheads, nchunks, headdim, dstate, device=dev, dtype=torch.float32)
+    decay = torch.empty(K, batch, nheads, nchunks, device=dev, dtype=torch.float32)
+    dummy = decay
+    _par_state_kernel[(batch * nheads * npb, nchunks, K)](
+        x, dt, A, B, C, dt_bias if dt_bias is not None else dummy, seq_idx if seq_idx is not None else dummy,
+        scan_order if scan_order is not None else dummy, states, decay,
+        L, nheads, nheads // ngroups, headdim, dstate, nchunks, npb,
+        *x.stride(), *dt.stride(), *A.stride(), *B.stride(), *C.stride(), *_strides(dt_bias, 2),
+        *_strides(seq_idx, 3), *_strides(scan_order, 2),
+        BQ=BQ, BP=BP, BN=_block(dstate), HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus),
+        HAS_SEQ=seq_idx is not None, HAS_ORDER=scan_order is not None, PREC=prec,
+        num_warps=8 if max(BP, dstate) >= 64 else 4,
+    )
+    final = torch.empty(K, batch, nheads, headdim, dstate, device=dev, dtype=torch.float32)
+    _state_pass(states, decay, initial_states, final, reverse=False)
+    return states, decay, final
+
+
+def _state_pass(buf, decay, init, out, reverse: bool):
+    K, batch, nheads, nchunks, headdim, dstate = buf.shape
+    TP, TN = min(_block(headdim), 32), min(_block(dstate), 64)
+    _par_pass_kernel[(K * batch * nheads, triton.cdiv(headdim, TP), triton.cdiv(dstate, TN))](
+        buf, decay, init if init is not None else decay, out, batch, nheads, headdim, dstate, nchunks,
+        *_strides(init, 5), TP=TP, TN=TN, HAS_INIT=init is not None, REVERSE=reverse, num_warps=4,
+    )
+
+
+def _prec(x):
+    return "ieee" if x.dtype == torch.float32 else "tf32"
+
+
+def ssd_fwd_parallel(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_states, seq_idx, scan_order,
+                     chunk_size: int, block_p: int | None = None, tune: dict | None = None):
+    """The chunk-parallel forward; arguments and results (y, final states) as ``ssd_fwd_triton``."""
+    K, batch, L, nheads, headdim = x.shape
+    ngroups, dstate = B.shape[-2:]
+    tune = tuning() if tune is None else tune
+    BQ = chunk_block(chunk_size, tune.get("fwd_chunk"))
+    BP = headdim_block(headdim, batch * nheads * K, x.device, block_p)
+    npb = triton.cdiv(headdim, BP)
+    states, decay, final = _entry_states(x, dt, A, B, C, dt_bias, dt_softplus, initial_states, seq_idx, scan_order,
+                                         BQ, BP, npb, _prec(x))
+    nchunks = states.shape[3]
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    dummy = decay
+    _par_out_kernel[(batch * nheads * npb, nchunks, K)](
+        x, dt, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
+        dt_bias if dt_bias is not None else dummy, seq_idx if seq_idx is not None else dummy,
+        scan_order if scan_order is not None else dummy, states, y,
+        L, nheads, nheads // ngroups, headdim, dstate, nchunks, npb,
+        *x.stride(), *dt.stride(), *A.stride(), *B.stride(), *C.stride(),
+        *(_strides(D, 3) if D is None or D.dim() == 3 else (*D.stride(), 0)), *_strides(z, 5),
+        *_strides(dt_bias, 2), *_strides(seq_idx, 3), *_strides(scan_order, 2), *y.stride(),
+        BQ=BQ, BP=BP, BN=_block(dstate),
+        HAS_D=D is not None, D_HDIM=D is not None and D.dim() == 3, HAS_Z=z is not None,
+        HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), HAS_SEQ=seq_idx is not None,
+        HAS_ORDER=scan_order is not None, PREC=_prec(x),
+        num_warps=tune.get("fwd_warps") or (8 if max(BP, dstate) >= 64 else 4),
+    )
+    return y, final
+
+
+def ssd_bwd_parallel(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_states, seq_idx,
+                     scan_order, chunk_size: int, deterministic: bool, block_p: int | None = None,
+                     tune: dict | None = None):
+    """The chunk-parallel backward; arguments and results as ``ssd_bwd_triton``."""
+    K, batch, L, nheads, headdim = x.shape
+    ngroups, dstate = B.shape[-2:]
+    rep = nheads // ngroups
+    tune = tuning() if tune is None else tune
+    BQ = chunk_block(chunk_size, tune.get("bwd_chunk"))
+    dev, f32 = x.device, torch.float32
+    BP = headdim_block(headdim, batch * nheads * K, dev, block_p)
+    npb = triton.cdiv(headdim, BP)
+    prec = _prec(x)
+    states, decay, _ = _entry_states(x, dt, A, B, C, dt_bias, dt_softplus, initial_states, seq_idx, scan_order,
+                                     BQ, BP, npb, prec)
+    nchunks = states.shape[3]
+    dy = dy.contiguous()
+    dummy = decay
+    opt = lambda t: t if t is not None else dummy  # noqa: E731
+    grid = (batch * nheads * npb, nchunks, K)
+    warps = tune.get("bwd_warps") or (8 if max(BP, dstate) >= 64 else 4)
+    G = torch.empty_like(states)
+    _par_dstate_kernel[grid](
+        x, dt, A, B, C, opt(z), opt(dt_bias), opt(seq_idx), opt(scan_order), dy, G,
+        L, nheads, rep, headdim, dstate, nchunks, npb,
+        *x.stride(), *dt.stride(), *A.stride(), *B.stride(), *C.stride(), *_strides(z, 5),
+        *_strides(dt_bias, 2), *_strides(seq_idx, 3), *_strides(scan_order, 2), *dy.stride(),
+        BQ=BQ, BP=BP, BN=_block(dstate), HAS_Z=z is not None, HAS_BIAS=dt_bias is not None,
+        SOFTPLUS=bool(dt_softplus), HAS_SEQ=seq_idx is not None, HAS_ORDER=scan_order is not None, PREC=prec,
+        num_warps=warps,
+    )
+    dinit = torch.empty(K, batch, nheads, headdim, dstate, device=dev, dtype=f32)
+    _state_pass(G, decay, dfinal, dinit, reverse=True)  # G[c] = dLoss/d(state leaving chunk c)
+    dx = torch.empty_like(dy, dtype=x.dtype)
+    dz = torch.empty_like(dy, dtype=z.dtype) if z is not None else None
+    ddt = torch.empty(npb, K, batch, L, nheads, device=dev, dtype=f32)
+    per_head = deterministic or rep == 1 or npb > 1
+    nrows = nheads * npb if per_head else ngroups
+    alloc = torch.empty if per_head else torch.zeros
+    dB = alloc(K, batch, L, nrows, dstate, device=dev, dtype=f32)
+    dC = alloc(K, batch, L, nrows, dstate, device=dev, dtype=f32)
+    dA = torch.empty(K, batch, nheads, npb, nchunks, device=dev, dtype=f32)
+    dbias = torch.empty(K, batch, nheads, npb, nchunks, device=dev, dtype=f32)
+    dD = torch.empty(K, batch, nheads, nchunks, headdim, device=dev, dtype=f32)
+    _par_grad_kernel[grid](
+        x, dt, A, B, C, opt(D), opt(z), opt(dt_bias), opt(seq_idx), opt(scan_order), states, G, dy,
+        dx, opt(dz), ddt, dB, dC, dA, dD, dbias,
+        L, nheads, rep, headdim, dstate, nchunks, npb,
+        *x.stride(), *dt.stride(), *A.stride(), *B.stride(), *C.stride(),
+        *(_strides(D, 3) if D is None or D.dim() == 3 else (*D.stride(), 0)), *_strides(z, 5),
+        *_strides(dt_bias, 2), *_strides(seq_idx, 3), *_strides(scan_order, 2), *dy.stride(),
+        *dB.stride(), *ddt.stride(),
+        BQ=BQ, BP=BP, BN=_block(dstate),
+        HAS_D=D is not None, D_HDIM=D is not None and D.dim() == 3, HAS_Z=z is not None,
+        HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), HAS_SEQ=seq_idx is not None,
+        HAS_ORDER=scan_order is not None, PER_HEAD_DBC=per_head, PREC=prec, num_warps=warps,
+    )
+    del states, G
+    if per_head and rep * npb > 1:
+        dB = dB.view(K, batch, L, ngroups, rep * npb, dstate).sum(4)
+        dC = dC.view(K, batch, L, ngroups, rep * npb, dstate).sum(4)
+    ddt = (ddt[0] if npb == 1 else ddt.sum(0)).to(dt.dtype)
+    dA = dA.sum((1, 3, 4)).to(A.dtype)
+    dD_out = None
+    if D is not None:
+        dD_out = dD.sum((1, 3))
+        dD_out = (dD_out if D.dim() == 3 else dD_out.sum(-1)).to(D.dtype)
+    dbias_out = dbias.sum((1, 3, 4)).to(dt_bias.dtype) if dt_bias is not None else None
+    dinit_out = dinit.to(initial_states.dtype) if initial_states is not None else None
+    return dx, ddt, dA, dB.to(B.dtype), dC.to(C.dtype), dD_out, dz, dbias_out, dinit_out

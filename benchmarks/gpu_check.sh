@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check of the Triton SSD scan and the trainer, for a machine with one NVIDIA GPU; < 7 minutes.
+# GPU check of the Triton SSD scan and the trainer, for a machine with one NVIDIA GPU; < 8 minutes.
 #   benchmarks/gpu_check.sh [--gpu-extras]
 # 1. the venv (scripts/install.sh; a no-op when up to date). mamba-ssm's scan kernels are Triton
 #    and need none of its CUDA extensions, so the baseline runs from the base install;
@@ -7,7 +7,7 @@
 # 2. pytest -m gpu: the compiled kernels (scan, ordered conv) against the references on CUDA in
 #    fp32 and bf16; flash-attn against float64 attention; the tiny MDM in bf16 on CUDA vs CPU.
 # 3. benchmarks/scan_throughput.py in bf16 (1 and 4 directions, fwd and fwd+bwd, 4K-64K tokens).
-# 4. benchmarks/train_throughput.py for configs/350m.yaml and configs/1b.yaml.
+# 4. benchmarks/train_throughput.py for configs/350m.yaml and configs/1b.yaml (+ a profile).
 # Everything lands in benchmarks/results/, named by the device.
 # On a node without package access whose image brings its own CUDA torch + triton (another
 # Python too), skip the venv:  PYTHON=python3 GPU_SITE=.gpusite benchmarks/gpu_check.sh
@@ -32,7 +32,7 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,dri
 DEV=$($PY -c 'import re, torch; assert torch.cuda.is_available(), "no CUDA device"; print(re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name()).strip("-").lower())')
 echo "[gpu_check] device: $DEV"
 status=0
-# 1. GPU tests (under 2 minutes; the whole script stays under 7 minutes after the install)
+# 1. GPU tests (under 2 minutes; the whole script stays under 8 minutes after the install)
 timeout 100 $PY -m pytest -v -m gpu tests -p no:cacheprovider --durations=5 --junitxml="benchmarks/results/gpu_tests_$DEV.xml" \
   2>&1 | tee "benchmarks/results/gpu_tests_$DEV.log" || status=1
 # 2. benchmarks (the JSON is rewritten after every row, so a timeout still leaves results)
@@ -42,12 +42,16 @@ timeout 100 $PY -m pytest -v -m gpu tests -p no:cacheprovider --durations=5 --ju
 TUNE="parallel=1 parallel=1,fwd_chunk=32,bwd_chunk=32 bwd_chunk=32 fwd_chunk=32,fwd_warps=4"
 timeout 150 $PY benchmarks/scan_throughput.py --device cuda --lengths 16384 4096 --no-mixer --block-p 16 64 --tune $TUNE \
   2>&1 | tee "benchmarks/results/scan_throughput_$DEV.log" || status=1
-# 3. training throughput of 350m and 1b on one GPU (ZeRO-3, bf16, checkpointing every block);
-#    2 micro-batches of 8 per step: per-sample cost as at the full batch, in a fraction of the time
-for c in 350m 1b; do
-  timeout 70 $PY benchmarks/train_throughput.py --config configs/$c.yaml --checkpointing every --steps 4 --warmup 2 \
-    --set train.global_batch_size=16 --json "benchmarks/results/train_throughput_${c}_$DEV.json" 2>&1 \
-    | tee "benchmarks/results/train_throughput_${c}_$DEV.log" || status=1
+# 3. training throughput of 350m and 1b on one GPU (bf16, checkpointing every block), ZeRO-3 and,
+#    for 350m, ZeRO-0 (the cost of stage 3's per-module gathers on one GPU); 2 micro-batches of 8
+#    per step: per-sample cost as at the full batch, in a fraction of the time. The 350m ZeRO-3
+#    run also writes the top operators of one step (torch.profiler).
+for spec in 350m:3 1b:3 350m:0; do
+  c=${spec%:*}; z=${spec#*:}; name="train_throughput_${c}_zero${z}_$DEV"
+  prof=""; [ "$spec" = 350m:3 ] && prof="--profile benchmarks/results/${name}_profile.txt"
+  timeout 70 $PY benchmarks/train_throughput.py --config configs/$c.yaml --zero-stage $z --checkpointing every \
+    --steps 4 --warmup 2 --set train.global_batch_size=16 --json "benchmarks/results/$name.json" $prof 2>&1 \
+    | tee "benchmarks/results/$name.log" || status=1
 done
 ls -l benchmarks/results/
 exit $status

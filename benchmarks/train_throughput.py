@@ -2,6 +2,7 @@
 
     python benchmarks/train_throughput.py --config configs/tiny.yaml [--zero-stage 3] [--sp 1]
         [--checkpointing none|every|every_k] [--steps 10] [--warmup 3] [--set key=value ...] [--json OUT]
+        [--profile TOP_OPS.txt]
     deepspeed --num_accelerators 2 benchmarks/train_throughput.py --config configs/tiny.yaml --sp 2
     torchrun --nproc_per_node 8 benchmarks/train_throughput.py --config configs/1b.yaml   # on a GPU node
 
@@ -54,6 +55,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--set", action="append", default=[])
     ap.add_argument("--json", default=None)
+    ap.add_argument("--profile", default=None, metavar="TXT",
+                    help="after timing, profile one more step (torch.profiler) and write the top operators (rank 0)")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -101,6 +104,22 @@ def main(argv=None) -> int:
             torch.cuda.synchronize()
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=acts) as prof:
+            train_step(tr, cfg, batches, args.warmup + args.steps, cfg.train.lr * 0.01)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        if rank == 0:
+            ka = prof.key_averages()
+            parts = [f"one step of {args.config} {args.set}: {len(ka)} distinct operators"]
+            for key in (("self_device_time_total", "self_cpu_time_total") if device.type == "cuda"
+                        else ("self_cpu_time_total",)):
+                parts.append(f"\n== sorted by {key} ==\n" + ka.table(sort_by=key, row_limit=30))
+            Path(args.profile).write_text("\n".join(parts))
+            print(f"[train_throughput] profile of one step: {args.profile}", flush=True)
     step_s = sum(times) / len(times)
     sps = cfg.train.global_batch_size / step_s
     peak = peak_flops(device)

@@ -10,7 +10,8 @@ from test_train_pretrain import REPO, TINY, _env
 def test_train_throughput_cpu(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, "benchmarks/train_throughput.py", "--config", "configs/tiny.yaml", "--steps", "2",
-           "--warmup", "1", "--checkpointing", "every", "--zero-stage", "3", "--json", str(out)]
+           "--warmup", "1", "--checkpointing", "every", "--zero-stage", "3", "--json", str(out),
+           "--profile", str(tmp_path / "top_ops.txt")]
     for o in TINY:
         cmd += ["--set", o]
     p = subprocess.run(cmd, cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=180)
@@ -19,3 +20,5 @@ def test_train_throughput_cpu(tmp_path):
     assert r["steps_per_s"] > 0 and r["tokens_per_s"] == r["samples_per_s"] * r["seq_len"]
     assert r["mfu"] is None and r["peak_mem_gb"] > 0 and r["zero_stage"] == 3
     assert "steps/s" in p.stdout
+    top = (tmp_path / "top_ops.txt").read_text()  # one profiled step: the operator table
+    assert "sorted by self_cpu_time_total" in top and "aten::mm" in top and "# of Calls" in top

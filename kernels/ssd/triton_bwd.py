@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.ssd.triton_fwd import _apply_D_z, _block, _load_chunk, _strides, chunk_block, headdim_block, ssd_fwd_triton, tuning
+from kernels.ssd.triton_fwd import _apply_D_z, _block, _head_params, _load_chunk, _strides, chunk_block, headdim_block, ssd_fwd_triton, tuning
 
 
 @triton.jit
@@ -149,16 +149,8 @@ def _ssd_bwd_kernel(
     state_mask = mp[:, None] & mn[None, :]
     dot_t = x_ptr.dtype.element_ty
 
-    A_h = tl.load(A_ptr + k * s_ak + h * s_ah).to(tl.float32)
-    bias_h = 0.0
-    if HAS_BIAS:
-        bias_h = tl.load(bias_ptr + k * s_biask + h * s_biash).to(tl.float32)
-    Dv = 0.0
-    if HAS_D:
-        if D_HDIM:
-            Dv = tl.load(D_ptr + k * s_Dk + h * s_Dh + offs_p * s_Dp, mask=mp, other=0.0).to(tl.float32)
-        else:
-            Dv = tl.load(D_ptr + k * s_Dk + h * s_Dh).to(tl.float32)
+    A_h, bias_h, Dv = _head_params(A_ptr, bias_ptr, D_ptr, k, h, offs_p, mp, s_ak, s_ah, s_biask, s_biash,
+                                   s_Dk, s_Dh, s_Dp, HAS_BIAS, HAS_D, D_HDIM)
     if HAS_DFINAL:
         G = tl.load(dfinal_ptr + k * s_fk + b * s_fb + h * s_fh + offs_p[:, None] * s_fp + offs_n[None, :] * s_fn,
                     mask=state_mask, other=0.0).to(tl.float32)

@@ -96,6 +96,23 @@ def _load_chunk(
 
 
 @triton.jit
+def _head_params(A_ptr, bias_ptr, D_ptr, k, h, offs_p, mp, s_ak, s_ah, s_biask, s_biash, s_Dk, s_Dh, s_Dp,
+                 HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr, D_HDIM: tl.constexpr):
+    """A_h, dt_bias_h (0 without) and D (per head, per headdim column of the block, or 0 without)."""
+    A_h = tl.load(A_ptr + k * s_ak + h * s_ah).to(tl.float32)
+    bias_h = 0.0
+    if HAS_BIAS:
+        bias_h = tl.load(bias_ptr + k * s_biask + h * s_biash).to(tl.float32)
+    Dv = 0.0
+    if HAS_D:
+        if D_HDIM:
+            Dv = tl.load(D_ptr + k * s_Dk + h * s_Dh + offs_p * s_Dp, mask=mp, other=0.0).to(tl.float32)
+        else:
+            Dv = tl.load(D_ptr + k * s_Dk + h * s_Dh).to(tl.float32)
+    return A_h, bias_h, Dv
+
+
+@triton.jit
 def _chunk_y(Cm, Bm, x, dtv, acs, seg, H, causal, dot_t: tl.constexpr, PREC: tl.constexpr):
     """y of one chunk before D and the gate: intra-chunk (C B^T * decay * dt_s) @ x, plus the
     entry state H seen through exp(acs_l) (C_l @ H^T) where the chunk's entry segment continues."""
@@ -171,16 +188,8 @@ def _ssd_fwd_kernel(
     mn = offs_n < dstate
     dot_t = x_ptr.dtype.element_ty  # matmul operand dtype: the input dtype
 
-    A_h = tl.load(A_ptr + k * s_ak + h * s_ah).to(tl.float32)
-    bias_h = 0.0
-    if HAS_BIAS:
-        bias_h = tl.load(bias_ptr + k * s_biask + h * s_biash).to(tl.float32)
-    Dv = 0.0
-    if HAS_D:
-        if D_HDIM:
-            Dv = tl.load(D_ptr + k * s_Dk + h * s_Dh + offs_p * s_Dp, mask=mp, other=0.0).to(tl.float32)
-        else:
-            Dv = tl.load(D_ptr + k * s_Dk + h * s_Dh).to(tl.float32)
+    A_h, bias_h, Dv = _head_params(A_ptr, bias_ptr, D_ptr, k, h, offs_p, mp, s_ak, s_ah, s_biask, s_biash,
+                                   s_Dk, s_Dh, s_Dp, HAS_BIAS, HAS_D, D_HDIM)
     state_mask = mp[:, None] & mn[None, :]
     if HAS_INIT:
         H = tl.load(init_ptr + k * s_ik + b * s_ib + h * s_ih + offs_p[:, None] * s_ip + offs_n[None, :] * s_in,

@@ -31,8 +31,8 @@ import triton
 import triton.language as tl
 
 from kernels.ssd.triton_bwd import _chunk_grads
-from kernels.ssd.triton_fwd import (_apply_D_z, _block, _chunk_state, _chunk_y, _load_chunk, _strides, chunk_block,
-                                    headdim_block, tuning)
+from kernels.ssd.triton_fwd import (_apply_D_z, _block, _chunk_state, _chunk_y, _head_params, _load_chunk, _strides,
+                                    chunk_block, headdim_block, tuning)
 
 
 @triton.jit
@@ -50,19 +50,28 @@ def _program_ids(nheads, npb, BP: tl.constexpr):
 
 
 @triton.jit
-def _head_params(A_ptr, bias_ptr, D_ptr, k, h, offs_p, mp, s_ak, s_ah, s_biask, s_biash, s_Dk, s_Dh, s_Dp,
-                 HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr, D_HDIM: tl.constexpr):
-    A_h = tl.load(A_ptr + k * s_ak + h * s_ah).to(tl.float32)
-    bias_h = 0.0
-    if HAS_BIAS:
-        bias_h = tl.load(bias_ptr + k * s_biask + h * s_biash).to(tl.float32)
-    Dv = 0.0
-    if HAS_D:
-        if D_HDIM:
-            Dv = tl.load(D_ptr + k * s_Dk + h * s_Dh + offs_p * s_Dp, mask=mp, other=0.0).to(tl.float32)
-        else:
-            Dv = tl.load(D_ptr + k * s_Dk + h * s_Dh).to(tl.float32)
-    return A_h, bias_h, Dv
+def _par_chunk(
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, seq_ptr, order_ptr,
+    L, nheads, rep, headdim, dstate, npb,
+    s_xk, s_xb, s_xl, s_xh, s_xp, s_dk, s_db, s_dl, s_dh, s_ak, s_ah,
+    s_bk, s_bb, s_bl, s_bg, s_bn, s_ck, s_cb, s_cl, s_cg, s_cn, s_Dk, s_Dh, s_Dp, s_biask, s_biash,
+    s_sk, s_sb, s_sl, s_ok, s_ol,
+    BQ: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, HAS_D: tl.constexpr, D_HDIM: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_ORDER: tl.constexpr,
+):
+    """This program's chunk: its indices, head parameters and gathered rows (``_load_chunk``)."""
+    pid, c, k, b, h, j, p0, kbh = _program_ids(nheads, npb, BP)
+    offs_p = p0 + tl.arange(0, BP)
+    mp = offs_p < headdim
+    A_h, bias_h, Dv = _head_params(A_ptr, bias_ptr, D_ptr, k, h, offs_p, mp, s_ak, s_ah, s_biask, s_biash,
+                                   s_Dk, s_Dh, s_Dp, HAS_BIAS, HAS_D, D_HDIM)
+    pos, valid, dt_raw, dtv, acs, x, Bm, Cm, seg = _load_chunk(
+        c, L, k, b, h, h // rep, p0, A_h, bias_h, x_ptr, dt_ptr, B_ptr, C_ptr, seq_ptr, order_ptr,
+        s_xk, s_xb, s_xl, s_xh, s_xp, s_dk, s_db, s_dl, s_dh, s_bk, s_bb, s_bl, s_bg, s_bn,
+        s_ck, s_cb, s_cl, s_cg, s_cn, s_sk, s_sb, s_sl, s_ok, s_ol, headdim, dstate,
+        BQ, BP, BN, HAS_BIAS, SOFTPLUS, HAS_SEQ, HAS_ORDER)
+    return (pid, c, k, b, h, j, kbh, offs_p, mp, A_h, bias_h, Dv,
+            pos, valid, dt_raw, dtv, acs, x, Bm, Cm, seg)
 
 
 @triton.jit
@@ -76,19 +85,15 @@ def _par_state_kernel(
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_ORDER: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    pid, c, k, b, h, j, p0, kbh = _program_ids(nheads, npb, BP)
-    g = h // rep
+    (pid, c, k, b, h, j, kbh, offs_p, mp, A_h, bias_h, Dv,
+     pos, valid, dt_raw, dtv, acs, x, Bm, Cm, seg) = _par_chunk(
+        x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, A_ptr, bias_ptr, seq_ptr, order_ptr,
+        L, nheads, rep, headdim, dstate, npb,
+        s_xk, s_xb, s_xl, s_xh, s_xp, s_dk, s_db, s_dl, s_dh, s_ak, s_ah,
+        s_bk, s_bb, s_bl, s_bg, s_bn, s_ck, s_cb, s_cl, s_cg, s_cn, 0, 0, 0, s_biask, s_biash,
+        s_sk, s_sb, s_sl, s_ok, s_ol, BQ, BP, BN, False, False, HAS_BIAS, SOFTPLUS, HAS_SEQ, HAS_ORDER)
     offs_q = tl.arange(0, BQ)
-    offs_p = p0 + tl.arange(0, BP)
     offs_n = tl.arange(0, BN)
-    mp = offs_p < headdim
-    A_h, bias_h, _ = _head_params(A_ptr, bias_ptr, A_ptr, k, h, offs_p, mp, s_ak, s_ah, s_biask, s_biash,
-                                  0, 0, 0, HAS_BIAS, False, False)
-    pos, valid, dt_raw, dtv, acs, x, Bm, Cm, seg = _load_chunk(
-        c, L, k, b, h, g, p0, A_h, bias_h, x_ptr, dt_ptr, B_ptr, C_ptr, seq_ptr, order_ptr,
-        s_xk, s_xb, s_xl, s_xh, s_xp, s_dk, s_db, s_dl, s_dh, s_bk, s_bb, s_bl, s_bg, s_bn,
-        s_ck, s_cb, s_cl, s_cg, s_cn, s_sk, s_sb, s_sl, s_ok, s_ol, headdim, dstate,
-        BQ, BP, BN, HAS_BIAS, SOFTPLUS, HAS_SEQ, HAS_ORDER)
     S, chunk_decay = _chunk_state(x, Bm, dtv, acs, seg, offs_q, BQ, x_ptr.dtype.element_ty, PREC)
     tile = (kbh * nchunks + c) * headdim * dstate + offs_p[:, None] * dstate + offs_n[None, :]
     tl.store(S_ptr + tile, S, mask=mp[:, None] & (offs_n < dstate)[None, :])
@@ -141,19 +146,15 @@ def _par_out_kernel(
     HAS_D: tl.constexpr, D_HDIM: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_ORDER: tl.constexpr, PREC: tl.constexpr,
 ):
-    pid, c, k, b, h, j, p0, kbh = _program_ids(nheads, npb, BP)
-    g = h // rep
+    (pid, c, k, b, h, j, kbh, offs_p, mp, A_h, bias_h, Dv,
+     pos, valid, dt_raw, dtv, acs, x, Bm, Cm, seg) = _par_chunk(
+        x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, seq_ptr, order_ptr,
+        L, nheads, rep, headdim, dstate, npb,
+        s_xk, s_xb, s_xl, s_xh, s_xp, s_dk, s_db, s_dl, s_dh, s_ak, s_ah,
+        s_bk, s_bb, s_bl, s_bg, s_bn, s_ck, s_cb, s_cl, s_cg, s_cn, s_Dk, s_Dh, s_Dp, s_biask, s_biash,
+        s_sk, s_sb, s_sl, s_ok, s_ol, BQ, BP, BN, HAS_D, D_HDIM, HAS_BIAS, SOFTPLUS, HAS_SEQ, HAS_ORDER)
     offs_q = tl.arange(0, BQ)
-    offs_p = p0 + tl.arange(0, BP)
     offs_n = tl.arange(0, BN)
-    mp = offs_p < headdim
-    A_h, bias_h, Dv = _head_params(A_ptr, bias_ptr, D_ptr, k, h, offs_p, mp, s_ak, s_ah, s_biask, s_biash,
-                                   s_Dk, s_Dh, s_Dp, HAS_BIAS, HAS_D, D_HDIM)
-    pos, valid, dt_raw, dtv, acs, x, Bm, Cm, seg = _load_chunk(
-        c, L, k, b, h, g, p0, A_h, bias_h, x_ptr, dt_ptr, B_ptr, C_ptr, seq_ptr, order_ptr,
-        s_xk, s_xb, s_xl, s_xh, s_xp, s_dk, s_db, s_dl, s_dh, s_bk, s_bb, s_bl, s_bg, s_bn,
-        s_ck, s_cb, s_cl, s_cg, s_cn, s_sk, s_sb, s_sl, s_ok, s_ol, headdim, dstate,
-        BQ, BP, BN, HAS_BIAS, SOFTPLUS, HAS_SEQ, HAS_ORDER)
     H = tl.load(states_ptr + (kbh * nchunks + c) * headdim * dstate + offs_p[:, None] * dstate + offs_n[None, :],
                 mask=mp[:, None] & (offs_n < dstate)[None, :], other=0.0)
     causal = offs_q[:, None] >= offs_q[None, :]
@@ -180,18 +181,14 @@ def _par_dstate_kernel(
     HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr,
     HAS_ORDER: tl.constexpr, PREC: tl.constexpr,
 ):
-    pid, c, k, b, h, j, p0, kbh = _program_ids(nheads, npb, BP)
-    g = h // rep
-    offs_p = p0 + tl.arange(0, BP)
+    (pid, c, k, b, h, j, kbh, offs_p, mp, A_h, bias_h, Dv,
+     pos, valid, dt_raw, dtv, acs, x, Bm, Cm, seg) = _par_chunk(
+        x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, A_ptr, bias_ptr, seq_ptr, order_ptr,
+        L, nheads, rep, headdim, dstate, npb,
+        s_xk, s_xb, s_xl, s_xh, s_xp, s_dk, s_db, s_dl, s_dh, s_ak, s_ah,
+        s_bk, s_bb, s_bl, s_bg, s_bn, s_ck, s_cb, s_cl, s_cg, s_cn, 0, 0, 0, s_biask, s_biash,
+        s_sk, s_sb, s_sl, s_ok, s_ol, BQ, BP, BN, False, False, HAS_BIAS, SOFTPLUS, HAS_SEQ, HAS_ORDER)
     offs_n = tl.arange(0, BN)
-    mp = offs_p < headdim
-    A_h, bias_h, _ = _head_params(A_ptr, bias_ptr, A_ptr, k, h, offs_p, mp, s_ak, s_ah, s_biask, s_biash,
-                                  0, 0, 0, HAS_BIAS, False, False)
-    pos, valid, dt_raw, dtv, acs, x, Bm, Cm, seg = _load_chunk(
-        c, L, k, b, h, g, p0, A_h, bias_h, x_ptr, dt_ptr, B_ptr, C_ptr, seq_ptr, order_ptr,
-        s_xk, s_xb, s_xl, s_xh, s_xp, s_dk, s_db, s_dl, s_dh, s_bk, s_bb, s_bl, s_bg, s_bn,
-        s_ck, s_cb, s_cl, s_cg, s_cn, s_sk, s_sb, s_sl, s_ok, s_ol, headdim, dstate,
-        BQ, BP, BN, HAS_BIAS, SOFTPLUS, HAS_SEQ, HAS_ORDER)
     omask = valid[:, None] & mp[None, :]
     gy = tl.load(dy_ptr + k * s_yk + b * s_yb + pos[:, None] * s_yl + h * s_yh + offs_p[None, :] * s_yp,
                  mask=omask, other=0.0).to(tl.float32)
@@ -221,20 +218,16 @@ def _par_grad_kernel(
     SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_ORDER: tl.constexpr,
     PER_HEAD_DBC: tl.constexpr, PREC: tl.constexpr,
 ):
-    pid, c, k, b, h, j, p0, kbh = _program_ids(nheads, npb, BP)
-    g = h // rep
+    (pid, c, k, b, h, j, kbh, offs_p, mp, A_h, bias_h, Dv,
+     pos, valid, dt_raw, dtv, acs, x, Bm, Cm, seg) = _par_chunk(
+        x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, seq_ptr, order_ptr,
+        L, nheads, rep, headdim, dstate, npb,
+        s_xk, s_xb, s_xl, s_xh, s_xp, s_dk, s_db, s_dl, s_dh, s_ak, s_ah,
+        s_bk, s_bb, s_bl, s_bg, s_bn, s_ck, s_cb, s_cl, s_cg, s_cn, s_Dk, s_Dh, s_Dp, s_biask, s_biash,
+        s_sk, s_sb, s_sl, s_ok, s_ol, BQ, BP, BN, HAS_D, D_HDIM, HAS_BIAS, SOFTPLUS, HAS_SEQ, HAS_ORDER)
     offs_q = tl.arange(0, BQ)
-    offs_p = p0 + tl.arange(0, BP)
     offs_n = tl.arange(0, BN)
-    mp = offs_p < headdim
     mn = offs_n < dstate
-    A_h, bias_h, Dv = _head_params(A_ptr, bias_ptr, D_ptr, k, h, offs_p, mp, s_ak, s_ah, s_biask, s_biash,
-                                   s_Dk, s_Dh, s_Dp, HAS_BIAS, HAS_D, D_HDIM)
-    pos, valid, dt_raw, dtv, acs, x, Bm, Cm, seg = _load_chunk(
-        c, L, k, b, h, g, p0, A_h, bias_h, x_ptr, dt_ptr, B_ptr, C_ptr, seq_ptr, order_ptr,
-        s_xk, s_xb, s_xl, s_xh, s_xp, s_dk, s_db, s_dl, s_dh, s_bk, s_bb, s_bl, s_bg, s_bn,
-        s_ck, s_cb, s_cl, s_cg, s_cn, s_sk, s_sb, s_sl, s_ok, s_ol, headdim, dstate,
-        BQ, BP, BN, HAS_BIAS, SOFTPLUS, HAS_SEQ, HAS_ORDER)
     tile = (kbh * nchunks + c) * headdim * dstate + offs_p[:, None] * dstate + offs_n[None, :]
     state_mask = mp[:, None] & mn[None, :]
     Hc = tl.load(states_ptr + tile, mask=state_mask, other=0.0)
@@ -255,7 +248,7 @@ def _par_grad_kernel(
         tl.store(dz_ptr + out, dz.to(dz_ptr.dtype.element_ty), mask=omask)
     tl.store(dx_ptr + out, dx.to(dx_ptr.dtype.element_ty), mask=omask)
     tl.store(ddt_ptr + j * s_tj + k * s_tk + b * s_tb + pos * s_tl + h * s_th, ddt, mask=valid)
-    hb = h * npb + j if PER_HEAD_DBC else g
+    hb = h * npb + j if PER_HEAD_DBC else h // rep
     nmask = valid[:, None] & mn[None, :]
     off_g = k * s_gk + b * s_gb + pos[:, None] * s_gl + hb * s_gh + offs_n[None, :] * s_gn
     if PER_HEAD_DBC:

@@ -40,7 +40,7 @@ def test_print_commands_lists_every_stage(tmp_path):
         assert needle in text, needle
     assert not (tmp_path / "demo").exists()  # printing runs nothing
     pretrain = next(line for line in text.splitlines() if "launch/pretrain.py" in line)
-    assert "model.attention_every=2" in pretrain and "model.scan_mode=cycle" in pretrain
+    assert "model.attention_every=1" in pretrain and "model.scan_mode=cycle" in pretrain
     p = _demo(tmp_path / "demo", "--print-commands", "--attention-every", "0", "--caption-guidance", "1.5")
     assert "model.attention_every=0" in p.stdout and "--caption-guidance 1.5" in p.stdout
     bad = _demo(tmp_path / "demo", "--print-commands", "--attention-every", "-1")

@@ -16,10 +16,12 @@ e_l = exp(acs_l) (entry segment only), w_s = dt_s exp(acs_last - acs_s) (last se
     decays  every term's derivative by acs is collected in dacs, and acs = cumsum(dt * A) gives
             ddt += A revcumsum(dacs), dA += sum dt revcumsum(dacs)
 
-then the chain rule through dt_softplus / dt_bias, D and the gate z. Everything is computed in
-the kernel except sums that cross programs: dA, dD, ddt_bias (per-program partial sums added up
-in PyTorch), and dB, dC when several heads share a group: with ``deterministic`` each head
-writes its own rows (summed over the group in PyTorch), otherwise they are added with atomics.
+then the chain rule through dt_softplus / dt_bias, D and the gate z (one chunk's part is the jit
+helper ``_chunk_grads``, shared with ``triton_par.py``). Everything is computed in the kernel
+except sums that cross programs: dA, dD, ddt_bias (per-program partial sums added up in
+PyTorch), ddt, dB and dC over headdim blocks (one partial per block), and dB, dC when several
+heads share a group: with ``deterministic`` each head writes its own rows (summed over the group
+in PyTorch), otherwise they are added with atomics.
 """
 
 from __future__ import annotations

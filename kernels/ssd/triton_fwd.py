@@ -1,8 +1,10 @@
 """Triton forward of the SSD scan: one program per (batch, head, direction), chunks in sequence.
 
 Same math as ``chunked.py`` (read that first), fused into one kernel. A program owns one
-(batch b, head h, direction k) and walks the scan-ordered sequence chunk by chunk, keeping the
-running state H (headdim, dstate) in registers. For chunk c (positions t = cQ .. cQ+Q-1 of the
+(batch b, head h, direction k) -- or a block of its headdim columns (``headdim_block``: the
+state's rows evolve independently) -- and walks the scan-ordered sequence chunk by chunk, keeping
+the running state H (headdim, dstate) in registers. The per-chunk pieces are jit helpers
+(``_chunk_y``, ``_chunk_state``) shared with the chunk-parallel kernels of ``triton_par.py``. For chunk c (positions t = cQ .. cQ+Q-1 of the
 scan, original positions pos = scan_order[t]):
 
     rows       x, dt, B, C, z are *gathered* by pos on load (no permuted copies exist)

@@ -22,7 +22,7 @@ unset TRITON_INTERPRET
 mkdir -p .cache benchmarks/results
 if [ -n "${PYTHON:-}" ]; then
   PY=$PYTHON
-  [ -n "${GPU_SITE:-}" ] && export PYTHONPATH="$PWD/$GPU_SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+  [ -n "${GPU_SITE:-}" ] && export PYTHONPATH="$(cd "$GPU_SITE" && pwd):$PWD${PYTHONPATH:+:$PYTHONPATH}"
   $PY -c 'import sys, torch, triton; print(f"[gpu_check] {sys.executable}: Python {sys.version.split()[0]}, torch {torch.__version__}, triton {triton.__version__}")'
 else
   PY=.venv/bin/python

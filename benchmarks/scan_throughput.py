@@ -166,8 +166,16 @@ def bench_cpu(args) -> list[dict]:
     return rows
 
 
+def _failed(rows: list, save, impl: str, K: int, L: int, err: Exception) -> None:
+    """Record a row that raised (one failing row must not lose the others)."""
+    print(f"[bench] {impl} K={K} L={L} failed: {type(err).__name__}: {err}", flush=True)
+    rows.append(dict(impl=impl, K=K, seqlen=L, error=f"{type(err).__name__}: {err}"))
+    save(rows)
+
+
 def bench_gpu(args, save) -> list[dict]:
     from kernels.mamba_ssm_compat import import_mamba_ssm
+    from kernels.ssd.triton_fwd import headdim_block
 
     try:
         import_mamba_ssm()
@@ -191,7 +199,8 @@ def bench_gpu(args, save) -> list[dict]:
                 tune = ",".join(t for t in tune.split(",") if t and t != "deterministic")
 
                 def run():
-                    # launch settings (kernels.ssd.triton_fwd.headdim_block / tuning) are read at each launch
+                    # launch settings (kernels.ssd.triton_fwd.headdim_block / tuning) are read when the
+                    # forward runs; its backward reuses them, whenever it runs
                     env = {"MDM_SSD_HEADDIM_BLOCK": str(block_p or ""), "MDM_SSD_TUNE": tune}
                     os.environ.update(env)
                     try:
@@ -213,8 +222,6 @@ def bench_gpu(args, save) -> list[dict]:
                         y = y.index_select(1, torch.argsort(order))
                     ys.append(y)
                 return torch.stack(ys)
-
-            from kernels.ssd.triton_fwd import headdim_block
 
             auto_bp = headdim_block(args.headdim, args.batch * args.nheads * K, torch.device("cuda"))
             impls = [(f"ours triton (auto={auto_bp})", ours())]
@@ -244,10 +251,8 @@ def bench_gpu(args, save) -> list[dict]:
                     for t in leaves:
                         t.requires_grad_(True)
                     t_fb = timeit_gpu(_fwd_bwd(fn, leaves))
-                except Exception as e:  # noqa: BLE001  one failing row must not lose the others
-                    print(f"[bench] {impl} K={K} L={L} failed: {type(e).__name__}: {e}", flush=True)
-                    rows.append(dict(impl=impl, K=K, seqlen=L, error=f"{type(e).__name__}: {e}"))
-                    save(rows)
+                except Exception as e:  # noqa: BLE001
+                    _failed(rows, save, impl, K, L, e)
                     continue
                 finally:
                     for t in leaves:
@@ -255,7 +260,8 @@ def bench_gpu(args, save) -> list[dict]:
                         t.grad = None
                 tokens = args.batch * L * K
                 row = dict(impl=impl, K=K, seqlen=L, dtype="bfloat16", max_abs_diff_vs_ours=err,
-                           grad_rel_diff_vs_ours=gerr, fwd_s=t_f, fwd_bwd_s=t_fb, fwd_tok_s=tokens / t_f, fwd_bwd_tok_s=tokens / t_fb)
+                           grad_rel_diff_vs_ours=gerr, fwd_s=t_f, fwd_bwd_s=t_fb, fwd_tok_s=tokens / t_f,
+                           fwd_bwd_tok_s=tokens / t_fb)
                 if bw:
                     row["floor_fwd_s"] = bytes_moved(inp, K, False) / bw
                     row["floor_fwd_bwd_s"] = bytes_moved(inp, K, True) / bw
@@ -339,10 +345,8 @@ def bench_gpu_mixer(args, save, rows) -> list[dict]:
                 t_f = timeit_gpu(fn)
                 u.requires_grad_(True)
                 t_fb = timeit_gpu(_fwd_bwd(fn, [u, *params]))
-            except Exception as e:  # noqa: BLE001  one failing row must not lose the others
-                print(f"[bench] {impl} L={L} failed: {type(e).__name__}: {e}", flush=True)
-                rows.append(dict(impl=impl, K=K, seqlen=L, error=f"{type(e).__name__}: {e}"))
-                save(rows)
+            except Exception as e:  # noqa: BLE001
+                _failed(rows, save, impl, K, L, e)
                 continue
             finally:
                 u.requires_grad_(False)

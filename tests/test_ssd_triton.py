@@ -225,7 +225,6 @@ class TestInterpreter:
         assert headdim_block(40, 8, torch.device("cpu")) == 16
         args, kw = make_inputs(2, 37, 4, 40, 2, 5, seed=77,
                                opts=("z", "D2", "bias", "softplus", "init", "seq_any", "order"))
-
         from kernels.ssd.triton_scan import ssd_scan_triton
 
         y, s, got = run_with_grads(ssd_scan_triton, args, kw, chunk_size=16, deterministic=deterministic)
@@ -249,8 +248,8 @@ class TestInterpreter:
             assert rel_err(y, yr) < 1e-5 and rel_err(s, sr) < 1e-5, tune
             for name in ref:
                 assert rel_err(got[name], ref[name]) < 1e-5, (tune, name)
-        for bad, msg in (("bwd_chunk=128", "out of range"), ("fwd_warps=3", "out of range"), ("parallel=2", "out of range"),
-                         ("chunk=32", "bad item"), ("bwd_warps=x", "bad item")):
+        for bad, msg in (("bwd_chunk=128", "out of range"), ("fwd_warps=3", "out of range"),
+                         ("parallel=2", "out of range"), ("chunk=32", "bad item"), ("bwd_warps=x", "bad item")):
             monkeypatch.setenv("MDM_SSD_TUNE", bad)
             with pytest.raises(ValueError, match=msg):
                 tuning()
@@ -468,8 +467,7 @@ class TestGPU:
             for name in ref:
                 assert rel_err(got[name], ref[name]) < (tol if dtype == torch.float32 else 5e-2), (name, det)
 
-    @pytest.mark.parametrize("block_p", [16])
-    def test_headdim_blocks_bf16(self, block_p):
+    def test_headdim_blocks_bf16(self, monkeypatch):
         args, kw = make_inputs(2, 1000, 8, 64, 2, 64, seed=4, opts=("D2", "z", "bias", "softplus", "init", "order"),
                                device="cuda")
         from kernels.ssd.triton_scan import ssd_scan_triton
@@ -478,13 +476,10 @@ class TestGPU:
         largs = tuple(t.to(bf) if i != 2 else t for i, t in enumerate(args))
         lkw = dict(kw, z=kw["z"].to(bf))
         runs = {}
-        for bp in (64, block_p):  # one block per head (the reference here) vs headdim blocks
-            os.environ["MDM_SSD_HEADDIM_BLOCK"] = str(bp)
-            try:
-                runs[bp] = run_with_grads(ssd_scan_triton, largs, lkw, chunk_size=64, deterministic=True)
-            finally:
-                del os.environ["MDM_SSD_HEADDIM_BLOCK"]
-        ref, got = runs[64], runs[block_p]
+        for bp in (64, 16):  # one block per head (the reference here) vs 4 headdim blocks
+            monkeypatch.setenv("MDM_SSD_HEADDIM_BLOCK", str(bp))
+            runs[bp] = run_with_grads(ssd_scan_triton, largs, lkw, chunk_size=64, deterministic=True)
+        ref, got = runs[64], runs[16]
         assert rel_err(got[0], ref[0]) < 1e-2 and rel_err(got[1], ref[1]) < 1e-2
         for name in ref[2]:
             assert rel_err(got[2][name], ref[2][name]) < 2e-2, name

@@ -26,11 +26,14 @@ in PyTorch), otherwise they are added with atomics.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 import triton
 import triton.language as tl
 
-from kernels.ssd.triton_fwd import _apply_D_z, _block, _head_params, _load_chunk, _strides, chunk_block, headdim_block, ssd_fwd_triton, tuning
+from kernels.ssd.triton_fwd import (_apply_D_z, _block, _head_params, _load_chunk, _prec, _strides, chunk_block,
+                                    headdim_block, ssd_fwd_triton, tuning)
 
 
 @triton.jit
@@ -211,6 +214,52 @@ def _ssd_bwd_kernel(
     tl.store(dD_ptr + prog_kbh.to(tl.int64) * headdim + offs_p, dD_acc, mask=mp)
 
 
+def grad_buffers(dy, x, z, ngroups: int, dstate: int, npb: int, nparts: int, deterministic: bool) -> SimpleNamespace:
+    """The output buffers of a backward launch (this module's or ``triton_par.py``'s), float32.
+
+    Sums that cross programs get one partial per headdim block (npb) and per ``nparts`` (1 for the
+    sequential kernel, one per chunk for the chunk-parallel one): ddt, dA, ddt_bias, dD. dB and dC
+    get a row per (head, headdim block) where ``per_head`` (deterministic, one head per group, or
+    several blocks), else a row per group that the heads add into with atomics (zeros)."""
+    K, batch, L, nheads, headdim = x.shape
+    dev, f32 = x.device, torch.float32
+    per_head = deterministic or nheads == ngroups or npb > 1
+    nrows = nheads * npb if per_head else ngroups
+    alloc = torch.empty if per_head else torch.zeros
+    return SimpleNamespace(
+        per_head=per_head,
+        dx=torch.empty_like(dy, dtype=x.dtype),
+        dz=torch.empty_like(dy, dtype=z.dtype) if z is not None else None,
+        ddt=torch.empty(npb, K, batch, L, nheads, device=dev, dtype=f32),
+        dB=alloc(K, batch, L, nrows, dstate, device=dev, dtype=f32),
+        dC=alloc(K, batch, L, nrows, dstate, device=dev, dtype=f32),
+        dA=torch.empty(K, batch, nheads, npb, nparts, device=dev, dtype=f32),
+        dbias=torch.empty(K, batch, nheads, npb, nparts, device=dev, dtype=f32),
+        dD=torch.empty(K, batch, nheads, nparts, headdim, device=dev, dtype=f32),
+        dinit=torch.empty(K, batch, nheads, headdim, dstate, device=dev, dtype=f32),
+    )
+
+
+def finish_grads(g: SimpleNamespace, dt, A, B, C, D, dt_bias, initial_states):
+    """Add up the partial sums of :func:`grad_buffers`; the gradients in their inputs' dtypes and
+    shapes (None for absent inputs), in the order ``SSDScanFn.backward`` returns them."""
+    K, batch, L, nrows, dstate = g.dB.shape
+    ngroups = B.shape[-2]
+    dB, dC = g.dB, g.dC
+    if nrows > ngroups:  # rows (group, head in group, headdim block) -> group
+        dB = dB.view(K, batch, L, ngroups, nrows // ngroups, dstate).sum(4)
+        dC = dC.view(K, batch, L, ngroups, nrows // ngroups, dstate).sum(4)
+    ddt = g.ddt[0] if g.ddt.shape[0] == 1 else g.ddt.sum(0)
+    dD = None
+    if D is not None:
+        dD = g.dD.sum((1, 3))
+        dD = (dD if D.dim() == 3 else dD.sum(-1)).to(D.dtype)
+    dbias = g.dbias.sum((1, 3, 4)).to(dt_bias.dtype) if dt_bias is not None else None
+    dinit = g.dinit.to(initial_states.dtype) if initial_states is not None else None
+    return (g.dx, ddt.to(dt.dtype), g.dA.sum((1, 3, 4)).to(A.dtype), dB.to(B.dtype), dC.to(C.dtype), dD, g.dz,
+            dbias, dinit)
+
+
 def ssd_bwd_triton(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_states, seq_idx,
                    scan_order, chunk_size: int, deterministic: bool, block_p: int | None = None,
                    tune: dict | None = None):
@@ -225,54 +274,31 @@ def ssd_bwd_triton(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initi
     tune = tuning() if tune is None else tune  # the forward's, when called from the autograd Function
     BQ = chunk_block(chunk_size, tune.get("bwd_chunk"))  # the chunk-entry states below use the same
     nchunks = triton.cdiv(L, BQ)
-    dev, f32 = x.device, torch.float32
-    BP = headdim_block(headdim, batch * nheads * K, dev, block_p)
+    BP = headdim_block(headdim, batch * nheads * K, x.device, block_p)
     npb = triton.cdiv(headdim, BP)
     _, _, states = ssd_fwd_triton(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_states, seq_idx,
                                   scan_order, chunk_size, store_states=True, write_y=False, block_p=BP, chunk=BQ,
                                   tune=tune)
     dy = dy.contiguous()
-    dx = torch.empty_like(dy, dtype=x.dtype)
-    dz = torch.empty_like(dy, dtype=z.dtype) if z is not None else None
-    ddt = torch.empty(npb, K, batch, L, nheads, device=dev, dtype=f32)  # per headdim block
-    per_head = deterministic or rep == 1 or npb > 1
-    nrows = nheads * npb if per_head else ngroups
-    alloc = torch.empty if per_head else torch.zeros  # atomics accumulate into zeros
-    dB = alloc(K, batch, L, nrows, dstate, device=dev, dtype=f32)
-    dC = alloc(K, batch, L, nrows, dstate, device=dev, dtype=f32)
-    dA = torch.empty(K, batch, nheads, npb, device=dev, dtype=f32)
-    dbias = torch.empty(K, batch, nheads, npb, device=dev, dtype=f32)
-    dD = torch.empty(K, batch, nheads, headdim, device=dev, dtype=f32)
-    dinit = torch.empty(K, batch, nheads, headdim, dstate, device=dev, dtype=f32)
-    dummy = dA
+    g = grad_buffers(dy, x, z, ngroups, dstate, npb, 1, deterministic)
+    dummy = g.dA
     _ssd_bwd_kernel[(batch * nheads * npb, K)](
         x, dt, A, B, C, D if D is not None else dummy, z if z is not None else dummy,
         dt_bias if dt_bias is not None else dummy, seq_idx if seq_idx is not None else dummy,
         scan_order if scan_order is not None else dummy, states, dy,
         dfinal if dfinal is not None else dummy,
-        dx, dz if dz is not None else dummy, ddt, dB, dC, dA, dD, dbias, dinit,
+        g.dx, g.dz if z is not None else dummy, g.ddt, g.dB, g.dC, g.dA, g.dD, g.dbias, g.dinit,
         L, nheads, rep, headdim, dstate, nchunks, npb,
         *x.stride(), *dt.stride(), *A.stride(), *B.stride(), *C.stride(),
         *(_strides(D, 3) if D is None or D.dim() == 3 else (*D.stride(), 0)),
         *_strides(z, 5), *_strides(dt_bias, 2), *_strides(seq_idx, 3), *_strides(scan_order, 2),
-        *dy.stride(), *_strides(dfinal, 5), *dB.stride(), *ddt.stride(),
+        *dy.stride(), *_strides(dfinal, 5), *g.dB.stride(), *g.ddt.stride(),
         BQ=BQ, BP=BP, BN=_block(dstate),
         HAS_D=D is not None, D_HDIM=D is not None and D.dim() == 3, HAS_Z=z is not None,
         HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), HAS_SEQ=seq_idx is not None,
-        HAS_ORDER=scan_order is not None, HAS_DFINAL=dfinal is not None, PER_HEAD_DBC=per_head,
-        PREC="ieee" if x.dtype == torch.float32 else "tf32",
+        HAS_ORDER=scan_order is not None, HAS_DFINAL=dfinal is not None, PER_HEAD_DBC=g.per_head,
+        PREC=_prec(x),
         num_warps=tune.get("bwd_warps") or (8 if max(BP, dstate) >= 64 else 4),
     )
     del states
-    if per_head and rep * npb > 1:  # rows (group, head in group, headdim block) -> group
-        dB = dB.view(K, batch, L, ngroups, rep * npb, dstate).sum(4)
-        dC = dC.view(K, batch, L, ngroups, rep * npb, dstate).sum(4)
-    ddt = (ddt[0] if npb == 1 else ddt.sum(0)).to(dt.dtype)
-    dA = dA.sum((1, 3)).to(A.dtype)
-    dD_out = None
-    if D is not None:
-        dD_out = dD.sum(1)
-        dD_out = (dD_out if D.dim() == 3 else dD_out.sum(-1)).to(D.dtype)
-    dbias_out = dbias.sum((1, 3)).to(dt_bias.dtype) if dt_bias is not None else None
-    dinit_out = dinit.to(initial_states.dtype) if initial_states is not None else None
-    return dx, ddt, dA, dB.to(B.dtype), dC.to(C.dtype), dD_out, dz, dbias_out, dinit_out
+    return finish_grads(g, dt, A, B, C, D, dt_bias, initial_states)

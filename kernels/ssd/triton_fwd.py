@@ -4,8 +4,8 @@ Same math as ``chunked.py`` (read that first), fused into one kernel. A program 
 (batch b, head h, direction k) -- or a block of its headdim columns (``headdim_block``: the
 state's rows evolve independently) -- and walks the scan-ordered sequence chunk by chunk, keeping
 the running state H (headdim, dstate) in registers. The per-chunk pieces are jit helpers
-(``_chunk_y``, ``_chunk_state``) shared with the chunk-parallel kernels of ``triton_par.py``. For chunk c (positions t = cQ .. cQ+Q-1 of the
-scan, original positions pos = scan_order[t]):
+(``_chunk_y``, ``_chunk_state``) shared with the chunk-parallel kernels of ``triton_par.py``.
+For chunk c (positions t = cQ .. cQ+Q-1 of the scan, original positions pos = scan_order[t]):
 
     rows       x, dt, B, C, z are *gathered* by pos on load (no permuted copies exist)
     a, acs     a_t = dt_t * A_h, acs = cumsum of a inside the chunk
@@ -29,6 +29,7 @@ scan order, given as tensors with a leading K dimension of any stride) run in on
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -283,11 +284,21 @@ def headdim_block(headdim: int, programs: int, device: torch.device, block_p: in
         return min(forced, full)
     if device.type != "cuda":
         return full
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     bp = full
     while bp > 16 and 2 * programs * triton.cdiv(headdim, bp) <= sms:
         bp //= 2
     return bp
+
+
+@functools.cache
+def _sm_count(index: int) -> int:  # looked up once per device, not at every launch
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _prec(x: torch.Tensor) -> str:
+    """tl.dot's input precision: exact float32 products for float32 inputs (16-bit ones are exact anyway)."""
+    return "ieee" if x.dtype == torch.float32 else "tf32"
 
 
 def _strides(t: torch.Tensor | None, ndim: int) -> tuple[int, ...]:
@@ -296,16 +307,15 @@ def _strides(t: torch.Tensor | None, ndim: int) -> tuple[int, ...]:
 
 def ssd_fwd_triton(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_states, seq_idx, scan_order,
                    chunk_size: int, store_states: bool = False, write_y: bool = True, block_p: int | None = None,
-                   chunk: int | None = None, num_warps: int | None = None, tune: dict | None = None):
+                   chunk: int | None = None, tune: dict | None = None):
     """Launch the forward on direction-stacked inputs (a leading K dimension, any strides).
 
     x, z (K, b, L, h, p); dt (K, b, L, h); A, dt_bias (K, h); B, C (K, b, L, g, n); D (K, h) or
     (K, h, p); initial_states (K, b, h, p, n); seq_idx (K, b, L); scan_order (K, L) long.
     Returns y (K, b, L, h, p) in x.dtype (None unless write_y), final states (K, b, h, p, n)
     float32, and the chunk-entry states (K, b, h, nchunks, p, n) float32 when store_states.
-    ``block_p``: headdim columns per program (see :func:`headdim_block`); ``chunk`` and
-    ``num_warps`` override :func:`chunk_block` and the default warps; ``tune`` replaces the
-    settings read from MDM_SSD_TUNE (:func:`tuning`).
+    ``block_p``: headdim columns per program (see :func:`headdim_block`); ``chunk`` overrides
+    :func:`chunk_block`; ``tune`` replaces the settings read from MDM_SSD_TUNE (:func:`tuning`).
     """
     K, batch, L, nheads, headdim = x.shape
     ngroups, dstate = B.shape[-2:]
@@ -336,7 +346,7 @@ def ssd_fwd_triton(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_states, s
         HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), HAS_INIT=initial_states is not None,
         HAS_SEQ=seq_idx is not None, HAS_ORDER=scan_order is not None,
         STORE_STATES=store_states, WRITE_Y=write_y,
-        PREC="ieee" if x.dtype == torch.float32 else "tf32",
-        num_warps=num_warps or tune.get("fwd_warps") or (8 if max(BP, dstate) >= 64 else 4),
+        PREC=_prec(x),
+        num_warps=tune.get("fwd_warps") or (8 if max(BP, dstate) >= 64 else 4),
     )
     return (y if write_y else None), final, (states if store_states else None)

@@ -30,9 +30,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.ssd.triton_bwd import _chunk_grads
-from kernels.ssd.triton_fwd import (_apply_D_z, _block, _chunk_state, _chunk_y, _head_params, _load_chunk, _strides,
-                                    chunk_block, headdim_block, tuning)
+from kernels.ssd.triton_bwd import _chunk_grads, finish_grads, grad_buffers
+from kernels.ssd.triton_fwd import (_apply_D_z, _block, _chunk_state, _chunk_y, _head_params, _load_chunk, _prec,
+                                    _strides, chunk_block, headdim_block, tuning)
 
 
 @triton.jit
@@ -297,10 +297,6 @@ def _state_pass(buf, decay, init, out, reverse: bool):
     )
 
 
-def _prec(x):
-    return "ieee" if x.dtype == torch.float32 else "tf32"
-
-
 def ssd_fwd_parallel(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_states, seq_idx, scan_order,
                      chunk_size: int, block_p: int | None = None, tune: dict | None = None):
     """The chunk-parallel forward; arguments and results (y, final states) as ``ssd_fwd_triton``."""
@@ -341,8 +337,7 @@ def ssd_bwd_parallel(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, ini
     rep = nheads // ngroups
     tune = tuning() if tune is None else tune
     BQ = chunk_block(chunk_size, tune.get("bwd_chunk"))
-    dev, f32 = x.device, torch.float32
-    BP = headdim_block(headdim, batch * nheads * K, dev, block_p)
+    BP = headdim_block(headdim, batch * nheads * K, x.device, block_p)
     npb = triton.cdiv(headdim, BP)
     prec = _prec(x)
     states, decay, _ = _entry_states(x, dt, A, B, C, dt_bias, dt_softplus, initial_states, seq_idx, scan_order,
@@ -363,42 +358,20 @@ def ssd_bwd_parallel(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, ini
         SOFTPLUS=bool(dt_softplus), HAS_SEQ=seq_idx is not None, HAS_ORDER=scan_order is not None, PREC=prec,
         num_warps=warps,
     )
-    dinit = torch.empty(K, batch, nheads, headdim, dstate, device=dev, dtype=f32)
-    _state_pass(G, decay, dfinal, dinit, reverse=True)  # G[c] = dLoss/d(state leaving chunk c)
-    dx = torch.empty_like(dy, dtype=x.dtype)
-    dz = torch.empty_like(dy, dtype=z.dtype) if z is not None else None
-    ddt = torch.empty(npb, K, batch, L, nheads, device=dev, dtype=f32)
-    per_head = deterministic or rep == 1 or npb > 1
-    nrows = nheads * npb if per_head else ngroups
-    alloc = torch.empty if per_head else torch.zeros
-    dB = alloc(K, batch, L, nrows, dstate, device=dev, dtype=f32)
-    dC = alloc(K, batch, L, nrows, dstate, device=dev, dtype=f32)
-    dA = torch.empty(K, batch, nheads, npb, nchunks, device=dev, dtype=f32)
-    dbias = torch.empty(K, batch, nheads, npb, nchunks, device=dev, dtype=f32)
-    dD = torch.empty(K, batch, nheads, nchunks, headdim, device=dev, dtype=f32)
+    g = grad_buffers(dy, x, z, ngroups, dstate, npb, nchunks, deterministic)
+    _state_pass(G, decay, dfinal, g.dinit, reverse=True)  # G[c] = dLoss/d(state leaving chunk c)
     _par_grad_kernel[grid](
         x, dt, A, B, C, opt(D), opt(z), opt(dt_bias), opt(seq_idx), opt(scan_order), states, G, dy,
-        dx, opt(dz), ddt, dB, dC, dA, dD, dbias,
+        g.dx, opt(g.dz), g.ddt, g.dB, g.dC, g.dA, g.dD, g.dbias,
         L, nheads, rep, headdim, dstate, nchunks, npb,
         *x.stride(), *dt.stride(), *A.stride(), *B.stride(), *C.stride(),
         *(_strides(D, 3) if D is None or D.dim() == 3 else (*D.stride(), 0)), *_strides(z, 5),
         *_strides(dt_bias, 2), *_strides(seq_idx, 3), *_strides(scan_order, 2), *dy.stride(),
-        *dB.stride(), *ddt.stride(),
+        *g.dB.stride(), *g.ddt.stride(),
         BQ=BQ, BP=BP, BN=_block(dstate),
         HAS_D=D is not None, D_HDIM=D is not None and D.dim() == 3, HAS_Z=z is not None,
         HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), HAS_SEQ=seq_idx is not None,
-        HAS_ORDER=scan_order is not None, PER_HEAD_DBC=per_head, PREC=prec, num_warps=warps,
+        HAS_ORDER=scan_order is not None, PER_HEAD_DBC=g.per_head, PREC=prec, num_warps=warps,
     )
     del states, G
-    if per_head and rep * npb > 1:
-        dB = dB.view(K, batch, L, ngroups, rep * npb, dstate).sum(4)
-        dC = dC.view(K, batch, L, ngroups, rep * npb, dstate).sum(4)
-    ddt = (ddt[0] if npb == 1 else ddt.sum(0)).to(dt.dtype)
-    dA = dA.sum((1, 3, 4)).to(A.dtype)
-    dD_out = None
-    if D is not None:
-        dD_out = dD.sum((1, 3))
-        dD_out = (dD_out if D.dim() == 3 else dD_out.sum(-1)).to(D.dtype)
-    dbias_out = dbias.sum((1, 3, 4)).to(dt_bias.dtype) if dt_bias is not None else None
-    dinit_out = dinit.to(initial_states.dtype) if initial_states is not None else None
-    return dx, ddt, dA, dB.to(B.dtype), dC.to(C.dtype), dD_out, dz, dbias_out, dinit_out
+    return finish_grads(g, dt, A, B, C, D, dt_bias, initial_states)

@@ -10,7 +10,8 @@ user can run them by hand, one by one):
 1. ``corpus``    data_prep/make_demo_data.py: captioned coloured shapes (webdataset tars) and a
                  held-out set with its ground truth (eval.jsonl)
 2. ``tokenizer`` data_prep/train_tokenizer.py: the SentencePiece caption tokenizer
-3. ``vae``       launch/train_vae.py --config configs/vae_tiny.yaml: the UnifiedVAE stage
+3. ``vae``       launch/train_vae.py --config configs/vae_tiny.yaml: the UnifiedVAE stage, data
+                 parallel on 2 CPU processes under the same launcher (one thread each)
 4. ``encode``    data_prep/encode_laion.py: the corpus as MDS shards of image-latent moments + ids
 5. ``pretrain``  deepspeed --num_accelerators 2 launch/pretrain.py --config configs/tiny.yaml:
                  2 CPU processes, ZeRO-3, sequence parallelism 2 (OMP_NUM_THREADS=1 each), the
@@ -86,7 +87,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "text-to-image ignored the caption: benchmarks/demo_results.md)")
     ap.add_argument("--config", default="configs/tiny.yaml")
     ap.add_argument("--vae-config", default="configs/vae_tiny.yaml")
-    ap.add_argument("--nproc", type=int, default=2, help="pretraining processes (default 2 = sequence parallel 2)")
+    ap.add_argument("--nproc", type=int, default=2, help="processes of the VAE stage (data parallel) and of pretraining (default 2 = sequence parallel 2)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     defaults = {"num_samples": 4000, "num_eval": 100}
@@ -113,11 +114,11 @@ def stage_commands(args, out: Path) -> list[tuple[str, Path, list[str] | None, d
     sample_flags = ((["--steps", str(args.sample_steps)] if args.sample_steps else [])
                     + (["--guidance", str(args.guidance)] if args.guidance is not None else [])
                     + (["--caption-guidance", str(args.caption_guidance)] if args.caption_guidance is not None else []))
-    if args.nproc > 1:  # a free port: two demos (or a demo and a test) may run side by side
-        launcher = [str(Path(PY).parent / "deepspeed"), "--num_accelerators", str(args.nproc),
+    def launcher() -> list[str]:  # a free port each: two demos (or a demo and a test) may run side by side
+        if args.nproc > 1:
+            return [str(Path(PY).parent / "deepspeed"), "--num_accelerators", str(args.nproc),
                     "--master_port", str(free_port())]
-    else:
-        launcher = [PY]
+        return [PY]
     return [
         ("corpus", corpus / "manifest.json",
          [PY, "data_prep/make_demo_data.py", "--output", str(corpus), "--num-samples", str(args.num_samples),
@@ -125,13 +126,13 @@ def stage_commands(args, out: Path) -> list[tuple[str, Path, list[str] | None, d
         ("tokenizer", tok / "tokenizer.model",
          [PY, "data_prep/train_tokenizer.py", "--input", str(corpus), "--output", str(tok)], ONE),
         ("vae", vae / "vae.pt",
-         [PY, "launch/train_vae.py", "--config", args.vae_config, "--data", str(corpus), "--output", str(vae),
+         [*launcher(), "launch/train_vae.py", "--config", args.vae_config, "--data", str(corpus), "--output", str(vae),
           "--tokenizer", str(tok), *vae_sets], ONE),
         ("encode", mds / "index.json",
          [PY, "data_prep/encode_laion.py", "--input", str(corpus), "--output", str(mds), "--vae",
           str(vae / "vae.pt"), "--tokenizer", str(tok)], ONE),
         ("pretrain", run / "export" / "model.safetensors",
-         [*launcher, "launch/pretrain.py", "--config", args.config, "--data", str(mds), "--run-dir", str(run),
+         [*launcher(), "launch/pretrain.py", "--config", args.config, "--data", str(mds), "--run-dir", str(run),
           "--resume", "auto", "--set", f"parallel.sequence_parallel={args.nproc}",
           "--set", f"data.tokenizer={tok.resolve()}",
           "--set", f"train.vae_checkpoint={(vae / 'vae.pt').resolve()}",

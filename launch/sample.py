@@ -105,6 +105,7 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
+    from mdm_dist.data.vae_checkpoint import tolerate_missing_latent_stats
     from mdm_dist.diffusion import sample
     from mdm_dist.models.mdm import build_model
     from mdm_dist.train.samples import Decoder, write_captions
@@ -118,6 +119,7 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(cfg, device=device)
     missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = tolerate_missing_latent_stats(missing, str(args.checkpoint))
     if [m for m in missing if "." in m] or unexpected:
         print(f"sample.py: error: weights do not fit the config: missing {missing[:5]}, unexpected {unexpected[:5]}",
               file=sys.stderr)

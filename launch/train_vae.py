@@ -18,7 +18,10 @@ What it does:
 3. holds out ``--val-samples`` samples, trains ``train.max_steps`` AdamW steps with linear warmup
    and cosine decay (``train.lr`` -> ``train.min_lr``), batch ``train.global_batch_size``
    (``micro_batch_size`` per step per rank, gradients accumulated);
-4. writes OUTPUT/vae.pt (mdm_dist/data/vae_checkpoint.py: state_dict, resolved config, tokenizer
+4. measures the per-dimension mean and std of the training images' latents and stores them in the
+   VAE (``UnifiedVAE.set_image_latent_stats``): ``encode_image`` then gives the diffusion
+   backbone unit-variance latents, ``decode_image`` undoes it;
+5. writes OUTPUT/vae.pt (mdm_dist/data/vae_checkpoint.py: state_dict, resolved config, tokenizer
    path), OUTPUT/config.yaml, OUTPUT/vae_reconstructions.png (held-out originals over their
    reconstructions from the posterior mean) and OUTPUT/vae_metrics.json (held-out PSNR in dB,
    token accuracy, losses, timings; under several ranks each rank's parameter sum, checked equal).
@@ -76,6 +79,17 @@ def lr_at(step: int, cfg) -> float:
         return t.lr * (step + 1) / t.warmup_steps
     frac = (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps)
     return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * min(1.0, frac)))
+
+
+@torch.no_grad()
+def measure_latent_stats(vae: UnifiedVAE, images: torch.Tensor, batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Set ``vae``'s image latent standardization from the raw posterior means of ``images``
+    (the training split); returns (shift, scale), each (d_z,)."""
+    was_training = vae.training
+    vae.eval()
+    mus = [vae.encode_image_raw(images[i:i + batch])[0].float() for i in range(0, len(images), batch)]
+    vae.train(was_training)
+    return vae.set_image_latent_stats(torch.cat(mus))
 
 
 @torch.no_grad()
@@ -208,7 +222,12 @@ def main(argv=None) -> int:
     if rank == 0:
         from mdm_dist.viz import image_grid
 
+        t0 = time.time()
+        shift, scale = measure_latent_stats(vae, x[train])
+        timings["latent_stats_s"] = time.time() - t0
         metrics = evaluate(vae, x[val], ids[val])
+        metrics["image_latent_shift"] = [round(float(v), 5) for v in shift]
+        metrics["image_latent_scale"] = [round(float(v), 5) for v in scale]
         with torch.no_grad():
             show = x[val[:8]]
             recon = vae.decode_image(vae.encode_image(show)[0]).clamp(-1, 1)

@@ -211,8 +211,8 @@ def test_loss_terms_and_total():
     img = vae.loss(images=x, generator=g)
     assert set(img) == {"rec_img", "psnr", "kl_img", "kl", "total"}
     g = torch.Generator().manual_seed(5)
-    mu, lv = vae.encode_image(x)
-    x_hat = vae.decode_image(vae.sample(mu, lv, g))
+    mu, lv = vae.encode_image_raw(x)
+    x_hat = vae.decode_image_raw(vae.sample(mu, lv, g))
     torch.testing.assert_close(img["rec_img"], ((x_hat - x) ** 2).mean())
     torch.testing.assert_close(img["kl"], vae.kl(mu, lv).mean())
     torch.testing.assert_close(img["total"], img["rec_img"] + cfg.beta_kl * img["kl"])
@@ -263,6 +263,61 @@ def test_tiny_vae_overfits_one_batch():
 
 
 # ----------------------------------------------------------------------------------------------
+# Image latent standardization
+# ----------------------------------------------------------------------------------------------
+
+
+def test_image_latent_standardization_against_float64_reference():
+    cfg = CONFIGS["32px_p2_2stages"]
+    torch.manual_seed(0)
+    vae = UnifiedVAE(cfg).double()
+    x, ids = _batch(cfg, 6, dtype=torch.float64)
+    raw_mu, raw_lv = vae.encode_image_raw(x)
+    mu0, lv0 = vae.encode_image(x)  # identity until the stats are set
+    torch.testing.assert_close(mu0, raw_mu)
+    torch.testing.assert_close(lv0, raw_lv)
+    loss_before = vae.loss(x, ids, generator=torch.Generator().manual_seed(3))
+
+    shift, scale = vae.set_image_latent_stats(raw_mu)
+    flat = raw_mu.reshape(-1, cfg.d_z)
+    ref_shift = flat.sum(0) / flat.shape[0]
+    ref_scale = ((flat - ref_shift).square().sum(0) / (flat.shape[0] - 1)).sqrt()
+    torch.testing.assert_close(shift, ref_shift)
+    torch.testing.assert_close(scale, ref_scale)
+    mu, lv = vae.encode_image(x)
+    torch.testing.assert_close(mu, (raw_mu - ref_shift) / ref_scale)
+    torch.testing.assert_close(lv, raw_lv - 2 * ref_scale.log())
+    # standardized over the set it was measured on: mean 0, std 1 in every dimension
+    torch.testing.assert_close(mu.reshape(-1, cfg.d_z).mean(0), torch.zeros(cfg.d_z, dtype=torch.float64))
+    torch.testing.assert_close(mu.reshape(-1, cfg.d_z).std(0), torch.ones(cfg.d_z, dtype=torch.float64))
+    # decoding undoes it: the same pixels as the raw path, also for sampled latents
+    torch.testing.assert_close(vae.decode_image(mu), vae.decode_image_raw(raw_mu))
+    g1, g2 = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    torch.testing.assert_close(vae.decode_image(vae.sample(mu, lv, g1)),
+                               vae.decode_image_raw(vae.sample(raw_mu, raw_lv, g2)))
+    # the VAE's own loss works on the raw posterior: unchanged by the stats
+    loss_after = vae.loss(x, ids, generator=torch.Generator().manual_seed(3))
+    for k in ("rec_img", "kl", "total"):
+        torch.testing.assert_close(loss_after[k], loss_before[k])
+    # the buffers travel with the state dict
+    clone = UnifiedVAE(cfg).double()
+    clone.load_state_dict(vae.state_dict())
+    torch.testing.assert_close(clone.encode_image(x)[0], mu)
+
+
+def test_image_latent_stats_constant_dimension_and_errors():
+    cfg = CONFIGS["16px_p1_3stages"]
+    vae = UnifiedVAE(cfg)
+    raw = torch.randn(5, 4, cfg.d_z)
+    raw[..., 2] = 3.0  # a dimension that never varies keeps scale 1 (no division by 0)
+    shift, scale = vae.set_image_latent_stats(raw)
+    assert scale[2] == 1.0 and shift[2] == 3.0
+    assert torch.isfinite(vae.encode_image(torch.zeros(1, 3, 16, 16))[0]).all()
+    with pytest.raises(ValueError, match="at least 2"):
+        vae.set_image_latent_stats(torch.randn(1, cfg.d_z))
+
+
+# ----------------------------------------------------------------------------------------------
 # Meta construction and freezing
 # ----------------------------------------------------------------------------------------------
 
@@ -285,6 +340,9 @@ def test_meta_build_to_empty_reset_parameters():
     eager.reset_parameters()
     for (n1, p1), (n2, p2) in zip(vae.named_parameters(), eager.named_parameters()):
         assert n1 == n2 and torch.equal(p1, p2), n1
+    # buffers come uninitialized from to_empty: reset_parameters makes them the identity
+    assert torch.equal(vae.image_latent_shift, torch.zeros(cfg.d_z))
+    assert torch.equal(vae.image_latent_scale, torch.ones(cfg.d_z))
     x, ids = _batch(cfg, 2)
     out = vae.loss(x, ids)
     assert all(torch.isfinite(v) for v in out.values())

@@ -7,7 +7,9 @@ One ``torch.save`` file holding a plain dict::
     state_dict  UnifiedVAE.state_dict() (float32)
     config      the resolved Config as a dict (Config.to_dict(): every section, after overrides)
     tokenizer   path of the tokenizer directory the VAE was trained with (absolute)
-    step        optimizer steps taken
+    step        optimizer steps taken (the state_dict includes the image latent standardization
+                buffers ``image_latent_shift``/``image_latent_scale``; a checkpoint without them
+                loads with the identity, and a warning)
     metrics     the final evaluation metrics (psnr, token_acc, ...)
 
 The MDM config that later uses the checkpoint must have the same ``vae`` section; the encoder
@@ -16,6 +18,7 @@ stores image latents with exactly these weights.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,7 @@ from mdm_dist.config import config_from_dict
 from mdm_dist.models.vae import UnifiedVAE
 
 FORMAT = "mdm_dist.vae/1"
+LATENT_STAT_BUFFERS = ("image_latent_shift", "image_latent_scale")
 
 
 def save_vae_checkpoint(path: str | Path, vae: UnifiedVAE, cfg, tokenizer: str | Path, step: int,
@@ -53,5 +57,23 @@ def load_vae_checkpoint(path: str | Path, device: str | torch.device = "cpu") ->
         raise ValueError(f"{path} is not a {FORMAT} checkpoint (written by launch/train_vae.py)")
     cfg = config_from_dict(ckpt["config"], where=str(path))
     vae = UnifiedVAE(cfg.vae)
-    vae.load_state_dict(ckpt["state_dict"])
+    state = dict(ckpt["state_dict"])
+    for name in LATENT_STAT_BUFFERS:  # written before the latent standardization existed
+        if name not in state:
+            warnings.warn(f"{path} has no {name} (a VAE checkpoint from before the image latent "
+                          f"standardization): its image latents stay unscaled; retrain the VAE stage "
+                          f"(launch/train_vae.py) to get unit-variance latents")
+            state[name] = getattr(vae, name).detach().clone()
+    vae.load_state_dict(state)
     return vae.to(device).eval(), cfg, ckpt
+
+
+def tolerate_missing_latent_stats(missing: list[str], source: str) -> list[str]:
+    """``missing`` (keys of a ``load_state_dict(strict=False)``) without the image latent
+    standardization buffers, with a warning when some were missing: weights saved before the
+    buffers existed load with the identity (their latents were never standardized)."""
+    stats = [k for k in missing if k.rsplit(".", 1)[-1] in LATENT_STAT_BUFFERS]
+    if stats:
+        warnings.warn(f"{source} has no {', '.join(stats)} (saved before the image latent standardization): "
+                      f"the identity is used, as these weights were trained")
+    return [k for k in missing if k not in stats]

@@ -84,6 +84,7 @@ def load_mdm(export_dir: Path, weights: str = "raw"):
     from safetensors.torch import load_file
 
     from mdm_dist.config import load_config
+    from mdm_dist.data.vae_checkpoint import tolerate_missing_latent_stats
     from mdm_dist.models.mdm import build_model
 
     export_dir = Path(export_dir)
@@ -93,6 +94,7 @@ def load_mdm(export_dir: Path, weights: str = "raw"):
     cfg = load_config(export_dir / "config.yaml")
     model = build_model(cfg)
     missing, unexpected = model.load_state_dict(load_file(str(f)), strict=False)
+    missing = tolerate_missing_latent_stats(missing, str(f))
     if missing or unexpected:
         raise ValueError(f"{f} does not fit {export_dir / 'config.yaml'}: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return model.eval(), cfg

@@ -43,6 +43,18 @@ Choices where the paper is silent, and why:
   ``kl`` = mean over all present tokens (image and text together) of the per-token KL summed
   over ``d_z``; ``total = rec_img + rec_txt + beta_kl * kl``.
 
+* **Latent normalization.** :meth:`encode_image` returns the image latents standardized per
+  latent dimension, ``(mu - image_latent_shift) / image_latent_scale`` (logvar shifted by
+  ``-2 log scale``), and :meth:`decode_image` undoes it first; the two buffers (``d_z`` each)
+  are the mean and std of the training set's image latents, measured by ``launch/train_vae.py``
+  after training (:meth:`set_image_latent_stats`) and saved with the weights. The diffusion
+  backbone thus sees image latents of unit variance in every dimension, the data scale its
+  noise schedules assume (SD-VAE's scale factor and EDM's sigma_data play this role): unscaled,
+  the demo VAE's latents had per-dimension stds of 0.8-2.1, so the noisy end of the schedule,
+  where the caption decides colour and shape, was compressed. The VAE's own loss works on the
+  raw moments (its KL is the one it was trained with); until the stats are set the buffers are
+  the identity. Text latents are not rescaled.
+
 Meta-device construction: every layer takes ``device``/``dtype``, so ``UnifiedVAE(cfg,
 device="meta")`` allocates nothing; ``.to_empty(device=...)`` then :meth:`reset_parameters`
 materializes and initializes every parameter.
@@ -251,6 +263,10 @@ class UnifiedVAE(nn.Module):
         self.modality_emb = nn.Parameter(torch.empty(2, w, **fk))
         self.trunk_enc = TrunkEncoder(cfg, **fk)
         self.trunk_dec = TrunkDecoder(cfg, **fk)
+        # diffusion-space standardization of the image latents (module docstring); persistent,
+        # so checkpoints and exports carry it; identity until set_image_latent_stats
+        self.register_buffer("image_latent_shift", torch.zeros(cfg.d_z, **fk))
+        self.register_buffer("image_latent_scale", torch.ones(cfg.d_z, **fk))
         self.reset_parameters()
 
     # -- initialization ----------------------------------------------------------------------
@@ -268,6 +284,8 @@ class UnifiedVAE(nn.Module):
             nn.init.normal_(self.tok_emb.weight, std=0.02)
             nn.init.normal_(self.pos_emb, std=0.02)
             nn.init.normal_(self.modality_emb, std=0.02)
+            self.image_latent_shift.zero_()  # also after to_empty: buffers come uninitialized
+            self.image_latent_scale.fill_(1.0)
 
     # -- image tokens ------------------------------------------------------------------------
 
@@ -308,19 +326,46 @@ class UnifiedVAE(nn.Module):
 
     def encode_image(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pixels (B, C, H, W) in [-1, 1] -> (mu, logvar), each (B, N, d_z), N = gh * gw tokens
-        row-major over the token grid. H and W must be multiples of downsample * patch_size
-        (``cfg.image_size`` gives N = :attr:`num_image_tokens`). Pixels are cast to the
-        parameter dtype, so float32 data can feed a bf16 model."""
+        row-major over the token grid, standardized for diffusion (module docstring: latent
+        normalization). H and W must be multiples of downsample * patch_size (``cfg.image_size``
+        gives N = :attr:`num_image_tokens`). Pixels are cast to the parameter dtype, so float32
+        data can feed a bf16 model."""
+        mu, logvar = self.encode_image_raw(x)
+        scale = self.image_latent_scale.to(mu.dtype)
+        return (mu - self.image_latent_shift.to(mu.dtype)) / scale, logvar - 2.0 * torch.log(scale)
+
+    def decode_image(self, z: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """Standardized latents (B, N, d_z), as :meth:`encode_image` returns them -> pixels
+        (B, C, H, W), unbounded (trained toward [-1, 1]). ``grid`` defaults to :attr:`grid`;
+        pass it for other resolutions."""
+        z = z * self.image_latent_scale.to(z.dtype) + self.image_latent_shift.to(z.dtype)
+        return self.decode_image_raw(z, grid)
+
+    def encode_image_raw(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`encode_image` before the standardization: the trunk's own posterior moments."""
         x = x.to(self.image_in.weight.dtype)
         tokens = self.patchify(self.image_encoder(x))
         h = self.image_in(tokens) + self.modality_emb[IMAGE]
         return self.trunk_enc(h)
 
-    def decode_image(self, z: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
-        """Latents (B, N, d_z) -> pixels (B, C, H, W), unbounded (trained toward [-1, 1]).
-        ``grid`` defaults to :attr:`grid`; pass it for other resolutions."""
+    def decode_image_raw(self, z: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """:meth:`decode_image` of raw (trunk-space, unstandardized) latents."""
         h = self.trunk_dec(z, self.modality_emb[IMAGE])
         return self.image_decoder(self.unpatchify(self.image_out(h), grid))
+
+    @torch.no_grad()
+    def set_image_latent_stats(self, raw_mu: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Set the standardization from raw image latent means ``raw_mu`` (..., d_z) of training
+        images (:meth:`encode_image_raw`): per-dimension mean and std over every token. A
+        dimension with std below 1e-6 keeps scale 1. Returns (shift, scale)."""
+        flat = raw_mu.detach().reshape(-1, self.cfg.d_z).double()
+        if flat.shape[0] < 2:
+            raise ValueError(f"set_image_latent_stats needs at least 2 latent tokens, got {flat.shape[0]}")
+        shift, scale = flat.mean(0), flat.std(0)
+        scale = torch.where(scale > 1e-6, scale, torch.ones_like(scale))
+        self.image_latent_shift.copy_(shift.to(self.image_latent_shift.dtype))
+        self.image_latent_scale.copy_(scale.to(self.image_latent_scale.dtype))
+        return self.image_latent_shift.clone(), self.image_latent_scale.clone()
 
     # -- text tokens -------------------------------------------------------------------------
 
@@ -378,8 +423,8 @@ class UnifiedVAE(nn.Module):
         kls: list[torch.Tensor] = []
         total = None
         if images is not None:
-            mu, logvar = self.encode_image(images)
-            x_hat = self.decode_image(self.sample(mu, logvar, generator), grid=self._grid_of(images))
+            mu, logvar = self.encode_image_raw(images)  # the KL of the raw posterior, as trained
+            x_hat = self.decode_image_raw(self.sample(mu, logvar, generator), grid=self._grid_of(images))
             rec = F.mse_loss(x_hat.float(), images.float())
             out["rec_img"] = rec
             with torch.no_grad():

@@ -99,8 +99,9 @@ class Training:
 
 
 def load_pretrained_vae(mdm: nn.Module, path: str, cfg: Config) -> None:
-    """Copy the VAE stage's weights (``launch/train_vae.py``'s vae.pt) into ``mdm.vae``, also when
-    ZeRO-3 has partitioned it (each parameter gathered, written, re-partitioned)."""
+    """Copy the VAE stage's weights and buffers (``launch/train_vae.py``'s vae.pt, the image latent
+    standardization included) into ``mdm.vae``, also when ZeRO-3 has partitioned it (each
+    parameter gathered, written, re-partitioned)."""
     import deepspeed
 
     from mdm_dist.data.vae_checkpoint import load_vae_checkpoint
@@ -118,6 +119,9 @@ def load_pretrained_vae(mdm: nn.Module, path: str, cfg: Config) -> None:
         with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=hasattr(p, "ds_id")):
             with torch.no_grad():
                 p.data.copy_(state[name].to(p.dtype))
+    for name, b in mdm.vae.named_buffers():  # the image latent standardization (never partitioned)
+        with torch.no_grad():
+            b.copy_(state[name].to(b.dtype))
 
 
 def build_training(cfg: Config, device: torch.device) -> Training:

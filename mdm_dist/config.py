@@ -130,6 +130,9 @@ class DiffusionConfig:
     sample_steps: int = 50
     guidance_scale: float = 1.0
     caption_guidance_scale: float | None = None  # i2t's scale; None: guidance_scale
+    # absorbing text sampling: a newly unmasked token is drawn from p0 ** (1 / T), renormalized;
+    # 1 = the exact reverse process, < 1 sharper, 0 = the most likely token (greedy)
+    text_temperature: float = 1.0
 
 
 @dataclass
@@ -347,6 +350,9 @@ def _check(cfg: Config, where: str) -> None:
         )
     if not 0.0 <= d.p_uncond < 1.0:
         raise ConfigError(f"{where}: 'diffusion.p_uncond' must lie in [0, 1)")
+    if not d.text_temperature >= 0.0:
+        raise ConfigError(f"{where}: 'diffusion.text_temperature' = {d.text_temperature}; it must be >= 0 "
+                          "(1 = exact sampling, 0 = greedy)")
     if cfg.train.global_batch_size % cfg.train.micro_batch_size:
         raise ConfigError(
             f"{where}: 'train.global_batch_size' must be a multiple of 'train.micro_batch_size'"

@@ -100,6 +100,9 @@ def test_cross_field_checks():
         load_config(None, ["train.global_batch_size=10", "train.micro_batch_size=4"])
     with pytest.raises(ConfigError, match="must be > 0"):
         load_config(None, ["model.n_layers=0"])
+    with pytest.raises(ConfigError, match="'diffusion.text_temperature' = -0.1; it must be >= 0"):
+        load_config(None, ["diffusion.text_temperature=-0.1"])
+    assert load_config(None, ["diffusion.text_temperature=0"]).diffusion.text_temperature == 0.0
 
 
 def test_missing_file():

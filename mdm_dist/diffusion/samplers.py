@@ -22,7 +22,11 @@ given the model's clean-token estimate p0(y) = softmax_{y != MASK}(s_y) (the log
 log p0(y) + log(e^-sigma / (1 - e^-sigma)), so normalizing exp(s_y) over y != MASK gives p0): a
 masked position stays masked with probability (1 - e^{-sigma(s)}) / (1 - e^{-sigma(t)}), else
 it becomes y ~ p0; an unmasked position is final. The last step goes to s = 0 (stay
-probability 0), so no MASK remains. Under ``gaussian`` the text latents are solved by the same
+probability 0), so no MASK remains. ``diffusion.text_temperature`` T (or ``sample(...,
+text_temperature=)``) draws y from p0^(1/T) renormalized instead: 1 (default) is the exact reverse
+process, T < 1 favours the likely tokens, 0 takes the most likely one (greedy, as masked-token
+decoders often do for captions: a caption should name what the image most likely shows, not a
+draw from the model's uncertainty). Under ``gaussian`` the text latents are solved by the same
 ODE and decoded by argmax of ``vae.decode_text`` (MASK excluded).
 
 In ``joint`` mode both modalities share t. For ``dpm2`` the text posterior step t -> s is taken
@@ -77,20 +81,24 @@ def ddim_step(z: torch.Tensor, eps_hat: torch.Tensor, t: float, s: float, vp: VP
 
 def absorbing_step(
     x: torch.Tensor, log_scores: torch.Tensor, stay_prob: float, mask_id: int,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | None = None, temperature: float = 1.0,
 ) -> torch.Tensor:
     """One reverse step of the absorbing process (see the module doc).
 
     x (B, L) ids with MASKs; log_scores (B, L, V); stay_prob = (1 - e^-sigma_s) / (1 - e^-sigma_t).
     Each masked position independently stays MASK with prob ``stay_prob``, else takes
-    y ~ p0 = softmax over y != MASK of the log-scores (Gumbel-max, so ``generator`` decides).
+    y ~ p0 = softmax over y != MASK of the log-scores (Gumbel-max, so ``generator`` decides),
+    at ``temperature`` T: y ~ softmax(log p0 / T); T = 0 takes argmax p0. The random numbers
+    drawn are the same for every T.
     """
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     s = log_scores.float().clone()
     s[..., mask_id] = float("-inf")
     logp = torch.log_softmax(s, dim=-1)
     u = torch.rand(logp.shape, generator=generator, device=logp.device, dtype=logp.dtype)
     gumbel = -torch.log(-torch.log(u.clamp_min(1e-20)))
-    y = (logp + gumbel).argmax(-1)
+    y = logp.argmax(-1) if temperature == 0 else (logp / temperature + gumbel).argmax(-1)
     keep = torch.rand(x.shape, generator=generator, device=x.device) < stay_prob
     unmask = (x == mask_id) & ~keep
     return torch.where(unmask, y, x)
@@ -122,6 +130,7 @@ def sample(
     sampler: str | None = None,
     guidance_scale: float | None = None,
     generator: torch.Generator | None = None,
+    text_temperature: float | None = None,
 ) -> dict[str, torch.Tensor]:
     """Generate with an MDM (``.vae``, ``.backbone``, ``.cfg``).
 
@@ -134,6 +143,8 @@ def sample(
             ``cfg.diffusion.sample_steps``, ``.sampler``, ``.guidance_scale`` (for ``i2t``:
             ``.caption_guidance_scale`` when it is set).
         generator: a torch.Generator on the model's device for reproducible samples.
+        text_temperature: absorbing text's sampling temperature (module doc); default
+            ``cfg.diffusion.text_temperature``.
 
     Returns:
         dict with ``images`` (B, 3, H, W) clamped to [-1, 1], ``ids`` (B, L) long (never MASK),
@@ -153,6 +164,9 @@ def sample(
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     w = float(guidance_scale) if guidance_scale is not None else default_guidance(d, mode)
+    temp = float(d.text_temperature if text_temperature is None else text_temperature)
+    if temp < 0:
+        raise ValueError(f"text_temperature must be >= 0 (1 = exact, 0 = greedy), got {temp}")
     if mode == "t2i" and ids is None:
         raise ValueError("sample(mode='t2i') needs ids (B, L): the text condition")
     if mode == "i2t" and images is None and img_latents is None:
@@ -162,12 +176,12 @@ def sample(
     model.eval()
     try:
         return _sample(model, TASKS.index(mode), batch_size, ids, images, img_latents, category,
-                       steps, sampler, w, generator)
+                       steps, sampler, w, generator, temp)
     finally:
         model.train(was_training)
 
 
-def _sample(model, mode, batch_size, ids, images, img_latents, category, steps, sampler, w, gen):
+def _sample(model, mode, batch_size, ids, images, img_latents, category, steps, sampler, w, gen, temp=1.0):
     cfg = model.cfg
     d, v = cfg.diffusion, cfg.vae
     vae, backbone = model.vae, model.backbone
@@ -278,7 +292,7 @@ def _sample(model, mode, batch_size, ids, images, img_latents, category, steps, 
         if gen_txt and absorbing:
             # (1 - e^-sigma(s)) / (1 - e^-sigma(t)); the last step goes to s = 0
             stay = 0.0 if i == steps - 1 else float(tnoise.mask_prob(s) / tnoise.mask_prob(t))
-            x = absorbing_step(x, txt_pred, stay, v.mask_id, gen)
+            x = absorbing_step(x, txt_pred, stay, v.mask_id, gen, temperature=temp)
         elif gen_txt:
             eps.append(txt_pred)
         states = ode_states()

@@ -106,11 +106,13 @@ def _rate(flags: list[bool]) -> float:
 
 @torch.no_grad()
 def evaluate(model, vae, tok, records: list[dict], images: np.ndarray, steps: int | None, guidance: float | None,
-             sampler: str | None, seed: int = 0, caption_guidance: float | None = None) -> tuple[dict, dict]:
+             sampler: str | None, seed: int = 0, caption_guidance: float | None = None,
+             text_temperature: float | None = None) -> tuple[dict, dict]:
     """(quality figures, per-sample outputs) of t2i and i2t on the held-out set.
 
     ``guidance``: the CFG scale of both modes (None: the config's, per mode);
-    ``caption_guidance``: the i2t scale when it differs (None: ``guidance``)."""
+    ``caption_guidance``: the i2t scale when it differs (None: ``guidance``);
+    ``text_temperature``: captioning's sampling temperature (None: the config's)."""
     from mdm_dist.data.raw import to_tensor_range
     from mdm_dist.diffusion import sample
     from mdm_dist.diffusion.samplers import default_guidance
@@ -121,6 +123,7 @@ def evaluate(model, vae, tok, records: list[dict], images: np.ndarray, steps: in
         caption_guidance = guidance
     w_t2i = default_guidance(cfg.diffusion, "t2i") if guidance is None else float(guidance)
     w_i2t = default_guidance(cfg.diffusion, "i2t") if caption_guidance is None else float(caption_guidance)
+    temp = cfg.diffusion.text_temperature if text_temperature is None else float(text_temperature)
     kw = dict(steps=steps, sampler=sampler)
     colours = [r["colour"] for r in records]
     shapes = [r["shape"] for r in records]
@@ -137,7 +140,7 @@ def evaluate(model, vae, tok, records: list[dict], images: np.ndarray, steps: in
     t0 = time.time()
     mu, _ = vae.encode_image(x)
     i2t = sample(model, "i2t", img_latents=mu, guidance_scale=w_i2t, generator=torch.Generator().manual_seed(seed + 1),
-                 **kw)
+                 text_temperature=temp, **kw)
     captions = [tok.decode([int(i) for i in row]) for row in i2t["ids"]]
     times["i2t_s"] = time.time() - t0
 
@@ -164,6 +167,7 @@ def evaluate(model, vae, tok, records: list[dict], images: np.ndarray, steps: in
         "sample_steps": steps or cfg.diffusion.sample_steps,
         "guidance_scale": w_t2i,
         "caption_guidance_scale": w_i2t,
+        "text_temperature": temp,
         "timings": times,
     }
     outputs = {"gen_images": gen_images, "real_images": x, "preds": preds, "captions": captions,
@@ -210,6 +214,8 @@ def main(argv=None) -> int:
                     help="CFG scale of both modes (default: diffusion.guidance_scale, and for captioning "
                          "diffusion.caption_guidance_scale when set)")
     ap.add_argument("--caption-guidance", type=float, default=None, help="CFG scale of captioning only")
+    ap.add_argument("--text-temperature", type=float, default=None,
+                    help="captioning's sampling temperature (default diffusion.text_temperature; 0 = greedy)")
     ap.add_argument("--sampler", choices=("dpm2", "ddim", "euler"), default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data", nargs="+", default=None,
@@ -229,7 +235,7 @@ def main(argv=None) -> int:
         return 2
     images = heldout_images(Path(args.corpus), records, cfg.vae.image_size)
     quality, outputs = evaluate(model, vae, tok, records, images, args.steps, args.guidance, args.sampler, args.seed,
-                                caption_guidance=args.caption_guidance)
+                                caption_guidance=args.caption_guidance, text_temperature=args.text_temperature)
     quality["weights"] = args.weights
     if args.data:
         from mdm_dist.eval.conditioning import condition_reliance, probe_batch

@@ -4,10 +4,11 @@ the held-out text-to-image and captioning figures at the end.
 
     python benchmarks/conditioning_probe.py --data outputs/demo/mds --vae outputs/demo/vae/vae.pt \\
         [--corpus outputs/demo/corpus --tokenizer outputs/demo/tokenizer] [--config configs/tiny.yaml] \\
-        [--steps 800] [--batch 16] [--lr 1e-3] [--every 200] [--set diffusion.task_probs={...} ...]
+        [--steps 800] [--batch 16] [--lr 1e-3] [--min-lr 3e-4 --warmup 50] [--weight-decay 0.03]
+        [--every 200] [--set diffusion.task_probs={...} ...]
 
 It is the loop behind the probe figures of benchmarks/demo_results.md: AdamW at a constant lr
-(no schedule, no ZeRO, no sequence parallelism: the question is what the objective and the model
+unless ``--min-lr`` gives the trainer's warm-up + cosine schedule (no ZeRO, no sequence parallelism: the question is what the objective and the model
 learn per sample, not how the distributed trainer runs), gradient clipping at train.grad_clip,
 the UnifiedVAE from ``--vae`` with its image path frozen as in pretraining. Each report line:
 step, seconds, and for i2t and t2i the loss with the true conditions and the ratio shuffled /
@@ -45,6 +46,10 @@ def main(argv=None) -> int:
                     help="classifier-free guidance scale(s) of the held-out sampling (default: the config's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--min-lr", type=float, default=None,
+                    help="cosine decay from --lr to this at --steps (default: constant lr)")
+    ap.add_argument("--warmup", type=int, default=0, help="linear warm-up steps (with --min-lr)")
+    ap.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
     args = ap.parse_args(argv)
     if args.corpus and not args.tokenizer:
         ap.error("--corpus needs --tokenizer")
@@ -60,6 +65,7 @@ def main(argv=None) -> int:
     from mdm_dist.eval.heldout import evaluate, heldout_images, heldout_records
     from mdm_dist.models.mdm import build_model
     from mdm_dist.train.engine import load_pretrained_vae
+    from mdm_dist.train.schedule import lr_at
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -77,7 +83,7 @@ def main(argv=None) -> int:
         return 2
     model.vae.freeze_for_pretraining()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=tuple(cfg.train.betas), weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=tuple(cfg.train.betas), weight_decay=args.weight_decay)
     fixed_batch = probe_batch(args.data, cfg, 128, seed=args.seed + 99)  # also prepares streaming
     coll = MDMCollator(cfg.vae.max_text_len, cfg.vae.pad_id)
     ds = build_dataset(args.data, batch_size=args.batch, shuffle=True, seed=args.seed + 1)
@@ -86,6 +92,9 @@ def main(argv=None) -> int:
     step, t0 = 0, time.time()
     while step < args.steps:
         for batch in build_loader(ds, args.batch, coll):
+            if args.min_lr is not None:  # the trainer's schedule (mdm_dist/train/schedule.py)
+                for group in opt.param_groups:
+                    group["lr"] = lr_at(step, args.lr, args.min_lr, args.warmup, args.steps)
             loss = mdm_loss(model, batch, cfg, generator=g)["total"]
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -8,8 +8,9 @@ the held-out text-to-image and captioning figures at the end.
         [--every 200] [--set diffusion.task_probs={...} ...]
 
 It is the loop behind the probe figures of benchmarks/demo_results.md: AdamW at a constant lr
-unless ``--min-lr`` gives the trainer's warm-up + cosine schedule (no ZeRO, no sequence parallelism: the question is what the objective and the model
-learn per sample, not how the distributed trainer runs), gradient clipping at train.grad_clip,
+unless ``--min-lr`` gives the trainer's warm-up + cosine schedule (no ZeRO, no sequence
+parallelism: the question is what the objective and the model learn per sample, not how the
+distributed trainer runs), gradient clipping at train.grad_clip,
 the UnifiedVAE from ``--vae`` with its image path frozen as in pretraining. Each report line:
 step, seconds, and for i2t and t2i the loss with the true conditions and the ratio shuffled /
 true on a fixed batch of 128 samples (1.00 = the condition is ignored).

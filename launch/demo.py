@@ -87,7 +87,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "text-to-image ignored the caption: benchmarks/demo_results.md)")
     ap.add_argument("--config", default="configs/tiny.yaml")
     ap.add_argument("--vae-config", default="configs/vae_tiny.yaml")
-    ap.add_argument("--nproc", type=int, default=2, help="processes of the VAE stage (data parallel) and of pretraining (default 2 = sequence parallel 2)")
+    ap.add_argument("--nproc", type=int, default=2,
+                    help="processes of the VAE stage (data parallel) and of pretraining (default 2 = sequence parallel 2)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     defaults = {"num_samples": 4000, "num_eval": 100}

@@ -143,6 +143,10 @@ def test_vae_checkpoint_carries_the_latent_standardization(tmp_path):
         legacy, _, _ = load_vae_checkpoint(tmp_path / "old.pt")
     assert torch.equal(legacy.image_latent_scale, torch.ones(cfg.vae.d_z))
     torch.testing.assert_close(legacy.encode_image(x)[0], legacy.encode_image_raw(x)[0])
+    old["state_dict"]["stray.weight"] = torch.zeros(1)  # anything else that does not fit is an error
+    torch.save(old, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="stray.weight"), pytest.warns(UserWarning):
+        load_vae_checkpoint(tmp_path / "bad.pt")
     with pytest.warns(UserWarning, match="identity"):
         rest = tolerate_missing_latent_stats(["vae.image_latent_shift", "backbone.sep", "vae.image_latent_scale"], "x")
     assert rest == ["backbone.sep"]

@@ -57,14 +57,11 @@ def load_vae_checkpoint(path: str | Path, device: str | torch.device = "cpu") ->
         raise ValueError(f"{path} is not a {FORMAT} checkpoint (written by launch/train_vae.py)")
     cfg = config_from_dict(ckpt["config"], where=str(path))
     vae = UnifiedVAE(cfg.vae)
-    state = dict(ckpt["state_dict"])
-    for name in LATENT_STAT_BUFFERS:  # written before the latent standardization existed
-        if name not in state:
-            warnings.warn(f"{path} has no {name} (a VAE checkpoint from before the image latent "
-                          f"standardization): its image latents stay unscaled; retrain the VAE stage "
-                          f"(launch/train_vae.py) to get unit-variance latents")
-            state[name] = getattr(vae, name).detach().clone()
-    vae.load_state_dict(state)
+    missing, unexpected = vae.load_state_dict(ckpt["state_dict"], strict=False)
+    missing = tolerate_missing_latent_stats(missing, str(path))  # older checkpoints: the identity
+    if missing or unexpected:
+        raise ValueError(f"{path}: its state_dict does not fit its own vae config: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}; retrain the VAE stage (launch/train_vae.py)")
     return vae.to(device).eval(), cfg, ckpt
 
 

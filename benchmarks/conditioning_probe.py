@@ -5,13 +5,16 @@ the held-out text-to-image and captioning figures at the end.
     python benchmarks/conditioning_probe.py --data outputs/demo/mds --vae outputs/demo/vae/vae.pt \\
         [--corpus outputs/demo/corpus --tokenizer outputs/demo/tokenizer] [--config configs/tiny.yaml] \\
         [--steps 800] [--batch 16] [--lr 1e-3] [--min-lr 3e-4 --warmup 50] [--weight-decay 0.03]
-        [--every 200] [--set diffusion.task_probs={...} ...]
+        [--every 200] [--per-sample-noise] [--decay-groups] [--set diffusion.task_probs={...} ...]
 
 It is the loop behind the probe figures of benchmarks/demo_results.md: AdamW at a constant lr
 unless ``--min-lr`` gives the trainer's warm-up + cosine schedule (no ZeRO, no sequence
 parallelism: the question is what the objective and the model learn per sample, not how the
 distributed trainer runs), gradient clipping at train.grad_clip,
-the UnifiedVAE from ``--vae`` with its image path frozen as in pretraining. Each report line:
+the UnifiedVAE from ``--vae`` with its image path frozen as in pretraining. ``--per-sample-noise``
+and ``--decay-groups`` take the trainer's two other choices: every sample's draws from its own
+generator seeded by (train.seed, step, key) (mdm_dist/train/noise.py), and no weight decay on
+1-D parameters (mdm_dist/train/engine.py: param_groups). Each report line:
 step, seconds, and for i2t and t2i the loss with the true conditions and the ratio shuffled /
 true on a fixed batch of 128 samples (1.00 = the condition is ignored).
 """
@@ -51,6 +54,10 @@ def main(argv=None) -> int:
                     help="cosine decay from --lr to this at --steps (default: constant lr)")
     ap.add_argument("--warmup", type=int, default=0, help="linear warm-up steps (with --min-lr)")
     ap.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
+    ap.add_argument("--per-sample-noise", action="store_true",
+                    help="the trainer's per-sample draws (mdm_dist/train/noise.py) instead of one generator")
+    ap.add_argument("--decay-groups", action="store_true",
+                    help="the trainer's AdamW groups: no weight decay on 1-D parameters (default: decay on all)")
     args = ap.parse_args(argv)
     if args.corpus and not args.tokenizer:
         ap.error("--corpus needs --tokenizer")
@@ -65,7 +72,8 @@ def main(argv=None) -> int:
     from mdm_dist.eval.conditioning import condition_reliance, probe_batch
     from mdm_dist.eval.heldout import evaluate, heldout_images, heldout_records
     from mdm_dist.models.mdm import build_model
-    from mdm_dist.train.engine import load_pretrained_vae
+    from mdm_dist.train.engine import load_pretrained_vae, param_groups
+    from mdm_dist.train.noise import SampleNoise, per_sample_noise
     from mdm_dist.train.schedule import lr_at
 
     torch.set_num_threads(args.threads)
@@ -84,7 +92,8 @@ def main(argv=None) -> int:
         return 2
     model.vae.freeze_for_pretraining()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=tuple(cfg.train.betas), weight_decay=args.weight_decay)
+    groups = param_groups(model, args.weight_decay) if args.decay_groups else params
+    opt = torch.optim.AdamW(groups, lr=args.lr, betas=tuple(cfg.train.betas), weight_decay=args.weight_decay)
     fixed_batch = probe_batch(args.data, cfg, 128, seed=args.seed + 99)  # also prepares streaming
     coll = MDMCollator(cfg.vae.max_text_len, cfg.vae.pad_id)
     ds = build_dataset(args.data, batch_size=args.batch, shuffle=True, seed=args.seed + 1)
@@ -96,7 +105,13 @@ def main(argv=None) -> int:
             if args.min_lr is not None:  # the trainer's schedule (mdm_dist/train/schedule.py)
                 for group in opt.param_groups:
                     group["lr"] = lr_at(step, args.lr, args.min_lr, args.warmup, args.steps)
-            loss = mdm_loss(model, batch, cfg, generator=g)["total"]
+            if args.per_sample_noise:  # what the trainer's LossModule does (mdm_dist/train/engine.py)
+                noise = SampleNoise(batch["key"], cfg.train.seed, step)
+                with per_sample_noise(model.vae, noise):
+                    fixed = noise.fixed(cfg, model.vae.num_image_tokens, "cpu")
+                    loss = mdm_loss(model, batch, cfg, fixed=fixed)["total"]
+            else:
+                loss = mdm_loss(model, batch, cfg, generator=g)["total"]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)

@@ -15,6 +15,7 @@ Command-line overrides use dotted keys, ``--set train.lr=3e-4``; the value is pa
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,6 +107,12 @@ class DiffusionConfig:
     beta_start: float = 0.1  # continuous-time linear VP: beta(t) = beta_start + t (beta_end - beta_start)
     beta_end: float = 20.0
     t_eps: float = 1e-3  # t is drawn from [t_eps, 1]
+    # training times t = t_eps + (1 - t_eps) u ** (1 / k), u ~ U[0, 1), one k per modality: the
+    # density is proportional to (t - t_eps) ** (k - 1); 1 = uniform; k > 1 spends more samples at
+    # the noisy end, where the condition decides an image's colour and layout and most caption
+    # tokens are masked, so must be read from the image (docs/model.md)
+    image_time_power: float = 1.0
+    text_time_power: float = 1.0
     text_process: Literal["absorbing", "gaussian"] = "absorbing"
     sedd_eps: float = 1e-3  # log-linear noise: sigma(t) = -log(1 - (1 - sedd_eps) t)
     # absorbing text's log-scores: "conditional" = log p(x0 = y | x_t) + log r(t) (the exact form
@@ -350,6 +357,11 @@ def _check(cfg: Config, where: str) -> None:
         )
     if not 0.0 <= d.p_uncond < 1.0:
         raise ConfigError(f"{where}: 'diffusion.p_uncond' must lie in [0, 1)")
+    for key in ("image_time_power", "text_time_power"):
+        k = getattr(d, key)
+        if not (k > 0.0 and math.isfinite(k)):
+            raise ConfigError(f"{where}: 'diffusion.{key}' = {k}; it must be a finite number > 0 "
+                              "(1 = uniform times, 2 = density proportional to t)")
     if not d.text_temperature >= 0.0:
         raise ConfigError(f"{where}: 'diffusion.text_temperature' = {d.text_temperature}; it must be >= 0 "
                           "(1 = exact sampling, 0 = greedy)")

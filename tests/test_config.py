@@ -103,6 +103,11 @@ def test_cross_field_checks():
     with pytest.raises(ConfigError, match="'diffusion.text_temperature' = -0.1; it must be >= 0"):
         load_config(None, ["diffusion.text_temperature=-0.1"])
     assert load_config(None, ["diffusion.text_temperature=0"]).diffusion.text_temperature == 0.0
+    for key in ("image_time_power", "text_time_power"):
+        for bad in ("0", "-1", "inf"):
+            with pytest.raises(ConfigError, match=f"'diffusion.{key}' = {float(bad)}; it must be a finite"):
+                load_config(None, [f"diffusion.{key}={bad}"])
+        assert getattr(load_config(None, [f"diffusion.{key}=2"]).diffusion, key) == 2.0
 
 
 def test_missing_file():

@@ -111,7 +111,8 @@ def test_conditioning_probe_on_the_quick_demo(quick_demo):
                         "--vae", str(out / "vae" / "vae.pt"), "--corpus", str(out / "corpus"),
                         "--tokenizer", str(out / "tokenizer"), "--steps", "2", "--every", "1", "--batch", "4",
                         "--num-eval", "4", "--set", "diffusion.sample_steps=2",
-                        "--min-lr", "1e-4", "--warmup", "1", "--weight-decay", "0.03"],
+                        "--min-lr", "1e-4", "--warmup", "1", "--weight-decay", "0.03",
+                        "--per-sample-noise", "--decay-groups"],
                        cwd=ROOT, env=_env(out), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     rows = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]

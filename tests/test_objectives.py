@@ -155,6 +155,28 @@ def test_draw_tasks_follows_the_config():
     assert (draw_tasks(only, 100, "cpu")["task"] == 1).all()
 
 
+@pytest.mark.parametrize("modality,k", [("image", 2.0), ("image", 3.0), ("image", 0.5), ("text", 2.0)])
+def test_time_power_gives_the_stated_density(modality, k):
+    """t = t_eps + (1 - t_eps) u ** (1 / k): the empirical CDF against the hand formula
+    P(t <= x) = ((x - t_eps) / (1 - t_eps)) ** k (Kolmogorov-Smirnov distance), the mean against
+    t_eps + (1 - t_eps) k / (k + 1); the other modality's times stay uniform."""
+    key, other = ("t_img", "t_txt") if modality == "image" else ("t_txt", "t_img")
+    cfg = load_config(None, overrides=[f"diffusion.{modality}_time_power={k}"])
+    te, n = cfg.diffusion.t_eps, 40_000
+    d = draw_tasks(cfg, n, "cpu", torch.Generator().manual_seed(1))
+    t = d[key].double().sort().values
+    assert t.min() >= te and t.max() <= 1.0
+    cdf = ((t - te) / (1 - te)).clamp(0, 1) ** k
+    emp = torch.arange(1, n + 1, dtype=torch.float64) / n
+    assert float((emp - cdf).abs().max()) < 1.63 / n ** 0.5  # KS critical value at 1%
+    assert abs(float(t.mean()) - (te + (1 - te) * k / (k + 1))) < 0.01
+    assert abs(float(d[other].double().mean()) - 0.5) < 0.01
+    # the same uniforms as k = 1 (the power only maps them): the draws stay aligned across settings
+    u = draw_tasks(load_config(None), n, "cpu", torch.Generator().manual_seed(1))[key].double()
+    torch.testing.assert_close(d[key].double(), te + (1 - te) * ((u - te) / (1 - te)).clamp(0, 1) ** (1 / k),
+                               atol=1e-5, rtol=0)
+
+
 # ----------------------------------------------------------------------------------------------
 # mdm_loss on the real tiny MDM
 # ----------------------------------------------------------------------------------------------

@@ -179,9 +179,15 @@ def _task_codes(task: Any, b: int, device) -> torch.Tensor:
     return codes
 
 
+def _times(u: torch.Tensor, t_eps: float, power: float) -> torch.Tensor:
+    """t = t_eps + (1 - t_eps) u ** (1 / power) from u ~ U[0, 1): density ~ (t - t_eps) ** (power - 1)."""
+    return t_eps + (1 - t_eps) * (u if power == 1.0 else u.pow(1.0 / power))
+
+
 def draw_tasks(cfg: Config, b: int, device, generator=None, fixed: dict | None = None) -> dict[str, torch.Tensor]:
     """Per-sample task (0 joint, 1 t2i, 2 i2t), condition drop flag and uniform times in
-    [t_eps, 1] for both modalities (before the task zeroes the time of the condition).
+    [t_eps, 1] for both modalities (before the task zeroes the time of the condition), with density
+    ~ (t - t_eps) ** (k - 1), k = ``diffusion.image_time_power`` / ``text_time_power`` (1: uniform).
     Entries of ``fixed`` ("task", "drop", "t_txt", "t_img") replace the draws."""
     d = cfg.diffusion
     fixed = fixed or {}
@@ -196,8 +202,8 @@ def draw_tasks(cfg: Config, b: int, device, generator=None, fixed: dict | None =
         cdf = probs.cumsum(0) / probs.sum()
         task = torch.searchsorted(cdf, u_task, right=True).clamp(max=len(TASKS) - 1)
     drop = fixed["drop"].to(device=device, dtype=torch.bool) if "drop" in fixed else u_drop < d.p_uncond
-    t_txt = fixed["t_txt"].to(device, torch.float32) if "t_txt" in fixed else d.t_eps + (1 - d.t_eps) * u_txt
-    t_img = fixed["t_img"].to(device, torch.float32) if "t_img" in fixed else d.t_eps + (1 - d.t_eps) * u_img
+    t_txt = fixed["t_txt"].to(device, torch.float32) if "t_txt" in fixed else _times(u_txt, d.t_eps, d.text_time_power)
+    t_img = fixed["t_img"].to(device, torch.float32) if "t_img" in fixed else _times(u_img, d.t_eps, d.image_time_power)
     return {"task": task, "drop": drop, "t_txt": t_txt, "t_img": t_img}
 
 
@@ -244,12 +250,13 @@ def mdm_loss(
         generator: draws every random number (tasks, drops, times, masks, VAE samples, eps).
         fixed: optional overrides of the draws, for tests and reproducible evaluation:
             ``task`` ((B,) codes 0/1/2 or names joint/t2i/i2t, or one name), ``drop`` (B,) bool,
-            ``t_txt``/``t_img`` (B,) (the uniform draws, before the task sets a condition's time
+            ``t_txt``/``t_img`` (B,) (the times as drawn, before the task sets a condition's time
             to 0), ``mask_noise`` (B, L) uniforms (a token is masked iff mask_noise <
             1 - exp(-sigma)), ``eps_img`` (B, N, d_z), ``eps_txt`` (B, L, d_z) (gaussian text).
 
     Per sample:
-        * task ~ ``diffusion.task_probs``: ``joint`` (t_txt, t_img ~ U[t_eps, 1] independently),
+        * task ~ ``diffusion.task_probs``: ``joint`` (t_txt, t_img in [t_eps, 1] independently,
+          uniform unless ``diffusion.text_time_power`` / ``image_time_power`` != 1),
           ``t2i`` (t_txt = 0: the clean text is the condition, loss on the image only), ``i2t``
           (t_img = 0: the clean image latents are the condition, loss on the text only).
         * condition dropout with prob ``p_uncond``: category -> null class (num_categories);

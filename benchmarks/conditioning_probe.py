@@ -72,8 +72,8 @@ def main(argv=None) -> int:
     from mdm_dist.eval.conditioning import condition_reliance, probe_batch
     from mdm_dist.eval.heldout import evaluate, heldout_images, heldout_records
     from mdm_dist.models.mdm import build_model
-    from mdm_dist.train.engine import load_pretrained_vae, param_groups
-    from mdm_dist.train.noise import SampleNoise, per_sample_noise
+    from mdm_dist.train.engine import LossModule, load_pretrained_vae, param_groups
+    from mdm_dist.train.noise import SampleNoise
     from mdm_dist.train.schedule import lr_at
 
     torch.set_num_threads(args.threads)
@@ -92,6 +92,7 @@ def main(argv=None) -> int:
         return 2
     model.vae.freeze_for_pretraining()
     params = [p for p in model.parameters() if p.requires_grad]
+    loss_module = LossModule(model, cfg)
     groups = param_groups(model, args.weight_decay) if args.decay_groups else params
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=tuple(cfg.train.betas), weight_decay=args.weight_decay)
     fixed_batch = probe_batch(args.data, cfg, 128, seed=args.seed + 99)  # also prepares streaming
@@ -105,11 +106,9 @@ def main(argv=None) -> int:
             if args.min_lr is not None:  # the trainer's schedule (mdm_dist/train/schedule.py)
                 for group in opt.param_groups:
                     group["lr"] = lr_at(step, args.lr, args.min_lr, args.warmup, args.steps)
-            if args.per_sample_noise:  # what the trainer's LossModule does (mdm_dist/train/engine.py)
+            if args.per_sample_noise:  # the trainer's loss call (mdm_dist/train/engine.py: train_step)
                 noise = SampleNoise(batch["key"], cfg.train.seed, step)
-                with per_sample_noise(model.vae, noise):
-                    fixed = noise.fixed(cfg, model.vae.num_image_tokens, "cpu")
-                    loss = mdm_loss(model, batch, cfg, fixed=fixed)["total"]
+                loss = loss_module(batch, noise.fixed(cfg, model.vae.num_image_tokens, "cpu"), noise)["total"]
             else:
                 loss = mdm_loss(model, batch, cfg, generator=g)["total"]
             opt.zero_grad(set_to_none=True)

@@ -181,7 +181,7 @@ def _task_codes(task: Any, b: int, device) -> torch.Tensor:
 
 def _times(u: torch.Tensor, t_eps: float, power: float) -> torch.Tensor:
     """t = t_eps + (1 - t_eps) u ** (1 / power) from u ~ U[0, 1): density ~ (t - t_eps) ** (power - 1)."""
-    return t_eps + (1 - t_eps) * (u if power == 1.0 else u.pow(1.0 / power))
+    return t_eps + (1 - t_eps) * u.pow(1.0 / power)  # u ** 1.0 is u exactly: k = 1 draws as before
 
 
 def draw_tasks(cfg: Config, b: int, device, generator=None, fixed: dict | None = None) -> dict[str, torch.Tensor]:

@@ -145,6 +145,10 @@ def test_deepspeed_config_generated_and_overridden(tmp_path):
     assert ds_w["bf16"]["enabled"] and not ds_w["torch_autocast"]["enabled"]
     cpu = deepspeed_config(cfg, 8, "cpu")
     assert not cpu["bf16"]["enabled"] and not cpu["torch_autocast"]["enabled"]
+    # small parameters persist (DeepSpeed's default) on GPU; on CPU none does (one gloo collective
+    # per persistent parameter after every step)
+    assert ds["zero_optimization"]["stage3_param_persistence_threshold"] == 1e5
+    assert cpu["zero_optimization"]["stage3_param_persistence_threshold"] == 0
     with pytest.raises(ConfigError, match="bf16_weights needs a GPU"):
         deepspeed_config(load_config(None, TINY + ["train.dtype=bfloat16", "train.mixed_precision=bf16_weights"]), 2)
     user = tmp_path / "ds.json"

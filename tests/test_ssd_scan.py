@@ -67,6 +67,7 @@ CASES = [
     (1, 16, 2, 4, 1, 3, ()),
     (1, 16, 2, 2, 2, 3, ("D1", "z", "init", "final")),
     (37, 16, 4, 8, 2, 5, ("z", "D1", "bias")),
+    (33, 32, 8, 4, 1, 16, ("D1", "z", "bias", "softplus", "final", "order")),  # the tiny model's 33 tokens: 2 chunks of 17
     (37, 32, 6, 3, 2, 4, ("z", "D2", "bias", "softplus", "init", "final", "seq", "order")),
     (100, 32, 4, 4, 1, 16, ("D2", "init", "final", "seq", "order")),
     (100, 16, 2, 8, 2, 8, ("z", "bias", "softplus", "seq_any", "final")),

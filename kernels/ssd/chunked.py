@@ -83,8 +83,10 @@ def ssd_scan_chunked(
     if dt_softplus:
         dtf = F.softplus(dtf)
 
-    Q = min(chunk_size, seqlen)
-    nchunks = -(-seqlen // Q)
+    # As few chunks as chunk_size allows, of equal length: 33 positions at chunk_size 32 become
+    # 2 chunks of 17 (34 slots), not 2 of 32 (64 slots, most of them padding).
+    nchunks = -(-seqlen // min(chunk_size, seqlen))
+    Q = -(-seqlen // nchunks)
     pad = nchunks * Q - seqlen
     # Padded positions get dt = 0: no input and no decay, so outputs and final state are unchanged.
     dtf = _pad_len(dtf, pad)

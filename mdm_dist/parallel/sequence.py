@@ -16,8 +16,9 @@ Layout (``sp`` ranks in an SP group, all holding the same samples):
   the gated RMSNorm (whose statistics span all heads of a group, so need not be local to a head
   slice) and ``out_proj`` run per token on the slice. z never travels: it is made and used on
   the slice.
-* Attention blocks run through DeepSpeed's Ulysses ``DistributedAttention`` (its all-to-alls work
-  on gloo/CPU); the local attention drops the padding keys.
+* Attention blocks are Ulysses attention (DeepSpeed-Ulysses' layout): one all-to-all trades the
+  sequence slice of q, k and v of every head for the whole sequence of ``n_heads / sp`` heads,
+  the attention runs over the real tokens (padding dropped), one all-to-all brings it back.
 * ``norm_out``'s output is all-gathered along the sequence (padding dropped), so the output heads
   and everything after them see the full sequence on every rank.
 
@@ -46,7 +47,7 @@ from kernels.ssd import ssd_scan
 from mdm_dist.models.attention import SelfAttention, attention
 from mdm_dist.models.backbone import MDMBackbone
 from mdm_dist.models.mamba2 import Mamba2Mixer
-from mdm_dist.parallel.groups import check_model_layout, ensure_deepspeed_comm
+from mdm_dist.parallel.groups import check_model_layout
 
 
 # ----------------------------------------------------------------------------------------------
@@ -203,20 +204,25 @@ class SequenceParallelMamba2Mixer(Mamba2Mixer):
 
 
 class SequenceParallelSelfAttention(SelfAttention):
-    """SelfAttention on a sequence slice through DeepSpeed Ulysses (heads split across SP ranks)."""
+    """SelfAttention on a sequence slice, Ulysses-style (heads split across the SP ranks): one
+    all-to-all takes q, k and v together from the sequence slice of every head to the full
+    sequence of ``n_heads / sp`` heads, the attention runs over the real tokens (the padding is
+    dropped), and one all-to-all brings the output back. DeepSpeed's ``DistributedAttention``
+    computes the same with one all-to-all each for q, k and v (4 per forward instead of 2)."""
 
     _sp: SequenceParallelState
 
     def forward(self, x: Tensor) -> Tensor:
+        st = self._sp
+        sp = st.size
         b, ls, d = x.shape
-        q, k, v = self.qkv(x).view(b, ls, 3, self.n_heads, d // self.n_heads).unbind(dim=2)
-        out = self._ulysses(q, k, v, 0, valid_len=self._sp.seqlen)  # (B, Ls, heads, hd)
-        return self.out(out.reshape(b, ls, d))
-
-    def _local_attention(self, q: Tensor, k: Tensor, v: Tensor, valid_len: int) -> Tensor:
-        """Full (padded) sequence, local heads: attend among the real tokens only."""
-        out = attention(q[:, :valid_len], k[:, :valid_len], v[:, :valid_len], self.backend)
-        return _pad_seq(out, q.shape[1])
+        hl, hd = self.n_heads // sp, d // self.n_heads
+        # (B, Ls, 3, H, hd) -> channels rank-major: (B, Ls, sp, 3, H/sp, hd)
+        qkv = self.qkv(x).view(b, ls, 3, sp, hl, hd).transpose(2, 3).reshape(b, ls, sp * 3 * hl * hd)
+        q, k, v = seq_to_heads(qkv, st.group)[:, :st.seqlen].view(b, st.seqlen, 3, hl, hd).unbind(dim=2)
+        out = attention(q, k, v, self.backend).reshape(b, st.seqlen, hl * hd)
+        out = heads_to_seq(_pad_seq(out, sp * ls), st.group)  # (B, Ls, d), heads in order
+        return self.out(out)
 
 
 class SequenceParallelBackbone(MDMBackbone):
@@ -262,13 +268,7 @@ def apply_sequence_parallel(model: nn.Module, sp_group: dist.ProcessGroup | None
         if type(module) is Mamba2Mixer:
             module.__class__ = SequenceParallelMamba2Mixer
         elif type(module) is SelfAttention:
-            ensure_deepspeed_comm()
-            from deepspeed.sequence.layer import DistributedAttention
-
             module.__class__ = SequenceParallelSelfAttention
-            # Not a registered submodule: it holds no parameters and must not change the tree.
-            object.__setattr__(module, "_ulysses", DistributedAttention(
-                module._local_attention, sp_group, scatter_idx=2, gather_idx=1))
         else:
             continue
         object.__setattr__(module, "_sp", state)

@@ -120,7 +120,11 @@ def deepspeed_config(cfg: Config, world_size: int, device_type: str = "cpu") -> 
             "overlap_comm": device_type != "cpu",
             "reduce_bucket_size": 5e7,
             "stage3_prefetch_bucket_size": 5e7,
-            "stage3_param_persistence_threshold": 1e5,
+            # DeepSpeed's default keeps parameters under 1e5 elements whole on every rank, and
+            # after each step re-gathers every one of them with its own collective: ~0.3 ms each
+            # on gloo, 70 ms a step for the tiny model's ~190 small parameters (30% of its step).
+            # On CPU none persists; each module's parameters are gathered in one collective.
+            "stage3_param_persistence_threshold": 1e5 if device_type != "cpu" else 0,
             "stage3_gather_16bit_weights_on_model_save": False,
         },
         "zero_allow_untested_optimizer": True,

@@ -8,11 +8,11 @@ Layout (``sp`` ranks in an SP group, all holding the same samples):
   long-skip projections and the attention MLPs are per token and run on the slice.
 * Inside each Mamba-2 mixer, ``in_proj`` runs on the slice; an all-to-all (megatron-core's
   autograd ``all_to_all``) trades the sequence slice of every head for the whole sequence of
-  ``nheads / sp`` heads: x and dt per head, B and C per group (``ngroups % sp == 0``: split like the
-  heads; ``sp % ngroups == 0``: all-gathered, each rank keeps the one group its heads read; other
-  combinations are refused by ``groups.check_layout``). The padding is dropped, and the causal
-  conv1d (on the rank's channels), every scan direction and the SSD scan run on the full sequence
-  in scan order, exactly as without SP. The scan output y goes back with the reverse all-to-all;
+  ``nheads / sp`` heads: x and dt per head, B and C per group (``ngroups % sp == 0``: split like
+  the heads; ``sp % ngroups == 0``: each rank receives, in the same all-to-all, the one group its
+  heads read; other combinations are refused by ``groups.check_layout``). The padding is dropped,
+  and the causal conv1d (on the rank's channels), every scan direction and the SSD scan run on the
+  full sequence in scan order, exactly as without SP. The scan output y goes back with the reverse all-to-all;
   the gated RMSNorm (whose statistics span all heads of a group, so need not be local to a head
   slice) and ``out_proj`` run per token on the slice. z never travels: it is made and used on
   the slice.
@@ -160,16 +160,17 @@ class SequenceParallelMamba2Mixer(Mamba2Mixer):
         if split_groups:
             gl = G // sp
             parts += [Bm.view(b, ls, sp, gl * N), Cm.view(b, ls, sp, gl * N)]
-        recv = seq_to_heads(torch.cat(parts, dim=-1).flatten(2), group)[:, :seqlen]
-        if split_groups:
-            x_l, dt_l, B_l, C_l = torch.split(recv, [hl * P, hl, gl * N, gl * N], dim=-1)
             g0 = rank * gl
-        else:  # sp % G == 0: this rank's heads all read group g0; gather B and C whole
-            x_l, dt_l = torch.split(recv, [hl * P, hl], dim=-1)
+        else:
+            # sp % G == 0: the heads of destination rank j all read group (j * hl) // (H / G).
+            # Each destination's chunk carries that group's B and C, so the same all-to-all
+            # delivers them (no all-gather of its own); the backward sums the copies' gradients.
             gl, g0 = 1, (rank * hl) // (H // G)
-            BC = gather_sequence(torch.cat([Bm, Cm], dim=-1), group, seqlen)
-            B_l = BC[..., g0 * N: (g0 + gl) * N]
-            C_l = BC[..., G * N + g0 * N: G * N + (g0 + gl) * N]
+            dest = [(j * hl) // (H // G) for j in range(sp)]
+            parts += [torch.stack([Bm[..., g * N: (g + 1) * N] for g in dest], dim=2),
+                      torch.stack([Cm[..., g * N: (g + 1) * N] for g in dest], dim=2)]
+        recv = seq_to_heads(torch.cat(parts, dim=-1).flatten(2), group)[:, :seqlen]
+        x_l, dt_l, B_l, C_l = torch.split(recv, [hl * P, hl, gl * N, gl * N], dim=-1)
 
         # The conv channels of this rank: its heads' x, its groups' B and C.
         di, gn = self.d_inner, G * N

@@ -150,14 +150,18 @@ def reference(work):
 
 def test_zero3_two_ranks_match_one_rank_and_resume_is_exact(work, reference):
     tmp = work["tmp"]
-    ds_json = tmp / "ds_user.json"  # partition every parameter (the tiny model is below the default threshold)
-    ds_json.write_text(json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": 0}}))
+    # partition every parameter (the generated config's CPU default too, stated here so the test
+    # does not rest on it), and a key the generated config does not set, to see the merge reach the run
+    ds_json = tmp / "ds_user.json"
+    ds_json.write_text(json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": 0,
+                                                         "stage3_max_reuse_distance": 123456789}}))
     common = EXACT + ["train.max_steps=4", "parallel.zero_stage=3", f"parallel.deepspeed_config={ds_json}"]
     two = tmp / "two_ranks"
     run_pretrain(tmp, two, work["data"], common + ["train.save_every=2"], ranks=2)
     ref = losses(reference)
     assert_losses_close(losses(two), ref, [1, 2, 3, 4], "ZeRO-3 dp=2 vs one process")
-    assert json.loads((two / "ds_config.json").read_text())["zero_optimization"]["stage3_param_persistence_threshold"] == 0
+    zero = json.loads((two / "ds_config.json").read_text())["zero_optimization"]
+    assert zero["stage3_param_persistence_threshold"] == 0 and zero["stage3_max_reuse_distance"] == 123456789
 
     # the EMA (kept on ZeRO-3 partitions) and the raw weights, exported, match the one-process run
     from safetensors.torch import load_file

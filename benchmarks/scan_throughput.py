@@ -39,6 +39,9 @@ import sys
 import time
 from pathlib import Path
 
+if "--smoke" in sys.argv:  # the Triton kernels must be built by the interpreter: set before they are imported
+    os.environ["TRITON_INTERPRET"] = "1"
+
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,11 +51,11 @@ from kernels.ssd import ssd_scan, ssd_scan_multi  # noqa: E402
 
 # Peak memory bandwidth (bytes/s) by a substring of torch.cuda.get_device_name(); first match wins.
 PEAK_BANDWIDTH = [
+    ("GH200", 4.0e12),  # before "H200", which it contains
     ("H200", 4.8e12),
     ("H100 PCIe", 2.0e12),
     ("H100 NVL", 3.9e12),
     ("H100", 3.35e12),  # H100 SXM (HBM3)
-    ("GH200", 4.0e12),
     ("A100-SXM4-80GB", 2.039e12),
     ("A100 80GB PCIe", 1.935e12),
     ("A100", 1.555e12),
@@ -123,6 +126,18 @@ def timeit_gpu(fn) -> float:
     return triton.testing.do_bench(fn, warmup=5, rep=40) / 1e3
 
 
+def _timer(args):
+    """How rows are timed: do_bench on the GPU; once (a number, not a measurement) for --compile-only
+    (which only fills the Triton cache) and for --smoke (the GPU code path in the CPU interpreter)."""
+    if args.compile_only or args.smoke:
+        def once(fn):
+            t0 = time.perf_counter()
+            fn()
+            return time.perf_counter() - t0
+        return once
+    return timeit_gpu
+
+
 def _fwd_bwd(fn, leaves):
     def run():
         for t in leaves:
@@ -173,24 +188,43 @@ def _failed(rows: list, save, impl: str, K: int, L: int, err: Exception) -> None
     save(rows)
 
 
-def bench_gpu(args, save) -> list[dict]:
+def _dtype(args) -> torch.dtype:
+    """bf16 on the GPU; float32 in the smoke run (Triton's CPU interpreter gets bf16 dots wrong)."""
+    return torch.float32 if args.smoke else torch.bfloat16
+
+
+def _mamba_scan(args):
+    """mamba-ssm's ``mamba_chunk_scan_combined``, or None (with a message) where it cannot run."""
+    if "mamba" not in args.rows:
+        return None
+    if args.smoke:
+        print("[bench] smoke run: mamba-ssm's Triton kernels need CUDA; timing ours only")
+        return None
     from kernels.mamba_ssm_compat import import_mamba_ssm
-    from kernels.ssd.triton_fwd import headdim_block
 
     try:
         import_mamba_ssm()
         from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
     except Exception as err:  # noqa: BLE001  the baseline is optional
         print(f"[bench] mamba-ssm unavailable ({type(err).__name__}: {err}); timing ours only")
-        mamba_chunk_scan_combined = None
-    name = torch.cuda.get_device_name()
-    bw = peak_bandwidth(name)
+        return None
+    return mamba_chunk_scan_combined
+
+
+def bench_gpu(args, save) -> list[dict]:
+    from kernels.ssd.triton_fwd import headdim_block
+
+    mamba_chunk_scan_combined = _mamba_scan(args)
+    timeit = _timer(args)
+    dev = args.dev
+    name = args.device_name
+    bw = peak_bandwidth(name) if dev == "cuda" else None
     rows = []
-    dtype = torch.bfloat16
+    dtype = _dtype(args)
     for L in args.lengths or ([4096, 16384] if args.quick else [4096, 16384, 65536]):
         for K in args.directions:
-            inp = make_inputs(K, args.batch, L, args.nheads, args.headdim, args.dstate, args.ngroups, "cuda", dtype)
-            orders = scan_orders(K, L, "cuda")
+            inp = make_inputs(K, args.batch, L, args.nheads, args.headdim, args.dstate, args.ngroups, dev, dtype)
+            orders = scan_orders(K, L, dev)
             A, D, dtb = inp["A"], inp["D"], inp["dt_bias"]
             leaves = [inp[n] for n in ("x", "dt", "B", "C", "z")]
 
@@ -223,14 +257,15 @@ def bench_gpu(args, save) -> list[dict]:
                     ys.append(y)
                 return torch.stack(ys)
 
-            auto_bp = headdim_block(args.headdim, args.batch * args.nheads * K, torch.device("cuda"))
-            impls = [(f"ours triton (auto={auto_bp})", ours())]
-            impls += [(f"ours triton bp{bp}", ours(bp)) for bp in args.block_p if bp != auto_bp]
-            if L in args.tune_lengths:
+            auto_bp = headdim_block(args.headdim, args.batch * args.nheads * K, torch.device(dev))
+            impls = [(f"ours triton (auto={auto_bp})", ours())] if "auto" in args.rows else []
+            if "bp" in args.rows:
+                impls += [(f"ours triton bp{bp}", ours(bp)) for bp in args.block_p if bp != auto_bp]
+            if L in args.tune_lengths and "tune" in args.rows:
                 impls += [(f"ours {t}", ours(tune=t)) for t in args.tune]
             impls += [("mamba-ssm + copies", theirs)] if mamba_chunk_scan_combined else []
             ref_y = ref_g = None
-            gw = torch.randn(K, args.batch, L, args.nheads, args.headdim, device="cuda", dtype=dtype)
+            gw = torch.randn(K, args.batch, L, args.nheads, args.headdim, device=dev, dtype=dtype)
             for impl, fn in impls:
                 try:
                     with torch.no_grad():
@@ -247,10 +282,10 @@ def bench_gpu(args, save) -> list[dict]:
                     for t in leaves:
                         t.grad = None
                         t.requires_grad_(False)
-                    t_f = timeit_gpu(lambda: fn())
+                    t_f = timeit(lambda: fn())
                     for t in leaves:
                         t.requires_grad_(True)
-                    t_fb = timeit_gpu(_fwd_bwd(fn, leaves))
+                    t_fb = timeit(_fwd_bwd(fn, leaves))
                 except Exception as e:  # noqa: BLE001
                     _failed(rows, save, impl, K, L, e)
                     continue
@@ -259,7 +294,7 @@ def bench_gpu(args, save) -> list[dict]:
                         t.requires_grad_(False)
                         t.grad = None
                 tokens = args.batch * L * K
-                row = dict(impl=impl, K=K, seqlen=L, dtype="bfloat16", max_abs_diff_vs_ours=err,
+                row = dict(impl=impl, K=K, seqlen=L, dtype=str(dtype).removeprefix("torch."), max_abs_diff_vs_ours=err,
                            grad_rel_diff_vs_ours=gerr, fwd_s=t_f, fwd_bwd_s=t_fb, fwd_tok_s=tokens / t_f,
                            fwd_bwd_tok_s=tokens / t_fb)
                 if bw:
@@ -271,11 +306,13 @@ def bench_gpu(args, save) -> list[dict]:
                 print_row(row)
                 save(rows)
             del inp, leaves
-            torch.cuda.empty_cache()
+            if dev == "cuda":
+                torch.cuda.empty_cache()
     return rows
 
 
 MIXER = dict(d_model=1024, d_state=128, d_conv=4, expand=2.0, headdim=64, ngroups=1, chunk_size=64)
+MIXER_SMOKE = dict(MIXER, d_model=32, d_state=16, headdim=16, chunk_size=16)
 
 
 def _baseline_conv(width: int):
@@ -300,15 +337,14 @@ def bench_gpu_mixer(args, save, rows) -> list[dict]:
 
     from mdm_dist.models.mamba2 import Mamba2Mixer, keep_fp32_, mixers_forward_stacked, rms_norm_gated
 
-    try:
-        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
-    except Exception as err:  # noqa: BLE001  the baseline is optional
-        print(f"[bench] mixer: mamba-ssm unavailable ({type(err).__name__}: {err}); timing ours only")
-        mamba_chunk_scan_combined = None
-    conv_name, conv = _baseline_conv(MIXER["d_conv"])
-    K, dtype = 4, torch.bfloat16
+    mamba_chunk_scan_combined = _mamba_scan(args)
+    timeit = _timer(args)
+    dev = args.dev
+    cfg = MIXER_SMOKE if args.smoke else MIXER
+    conv_name, conv = _baseline_conv(cfg["d_conv"])
+    K, dtype = 4, _dtype(args)
     torch.manual_seed(0)
-    mixers = [keep_fp32_(Mamba2Mixer(**MIXER, scan_backend="triton", device="cuda").to(dtype)) for _ in range(K)]
+    mixers = [keep_fp32_(Mamba2Mixer(**cfg, scan_backend="triton", device=dev).to(dtype)) for _ in range(K)]
     params = [p for m in mixers for p in m.parameters()]
 
     def theirs_one(m, u, order):
@@ -326,41 +362,48 @@ def bench_gpu_mixer(args, save, rows) -> list[dict]:
         return out if order is None else out.index_select(1, torch.argsort(order))
 
     for L in args.lengths or [4096, 16384]:
-        u = torch.randn(args.batch, L, MIXER["d_model"], device="cuda", dtype=dtype)
-        orders = scan_orders(K, L, "cuda")
-        impls = [
-            ("mixer ours stacked", lambda: mixers_forward_stacked(mixers, u, orders, backend="triton")),
-            ("mixer ours per-dir", lambda: sum(m(u, scan_order=o) for m, o in zip(mixers, orders))),
-        ]
+        u = torch.randn(args.batch, L, cfg["d_model"], device=dev, dtype=dtype)
+        orders = scan_orders(K, L, dev)
+        impls = []  # (name, MDM_SSD_TUNE, fn)
+        for tune in args.mixer_tune:
+            tag = f" {tune}" if tune else ""
+            if "auto" in args.rows or tune:
+                impls.append((f"mixer ours stacked{tag}", tune,
+                              lambda: mixers_forward_stacked(mixers, u, orders, backend="triton")))
+                impls.append((f"mixer ours per-dir{tag}", tune,
+                              lambda: sum(m(u, scan_order=o) for m, o in zip(mixers, orders))))
         if mamba_chunk_scan_combined is not None:
-            impls.append((f"mixer mamba-ssm+copy ({conv_name})",
+            impls.append((f"mixer mamba-ssm+copy ({conv_name})", "",
                           lambda: sum(theirs_one(m, u, o) for m, o in zip(mixers, orders))))
         ref = None
-        for impl, fn in impls:
+        for impl, tune, fn in impls:
+            os.environ["MDM_SSD_TUNE"] = tune  # read by each forward; its backward reuses it
             try:
                 with torch.no_grad():
                     out = fn()
                     ref = out if ref is None else ref
                     err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-                t_f = timeit_gpu(fn)
+                t_f = timeit(fn)
                 u.requires_grad_(True)
-                t_fb = timeit_gpu(_fwd_bwd(fn, [u, *params]))
+                t_fb = timeit(_fwd_bwd(fn, [u, *params]))
             except Exception as e:  # noqa: BLE001
                 _failed(rows, save, impl, K, L, e)
                 continue
             finally:
+                os.environ.pop("MDM_SSD_TUNE", None)
                 u.requires_grad_(False)
                 u.grad = None
                 for q in params:
                     q.grad = None
             tokens = args.batch * L * K
-            row = dict(impl=impl, K=K, seqlen=L, dtype="bfloat16", mixer=MIXER, rel_diff_vs_ours=err,
+            row = dict(impl=impl, K=K, seqlen=L, dtype=str(dtype).removeprefix("torch."), mixer=cfg, rel_diff_vs_ours=err,
                        fwd_s=t_f, fwd_bwd_s=t_fb, fwd_tok_s=tokens / t_f, fwd_bwd_tok_s=tokens / t_fb)
             rows.append(row)
             print_row(row)
             save(rows)
         del u
-        torch.cuda.empty_cache()
+        if dev == "cuda":
+            torch.cuda.empty_cache()
     return rows
 
 
@@ -405,33 +448,68 @@ def main(argv=None):
                         "(e.g. bwd_chunk=32,bwd_warps=4), optionally with ',deterministic'")
     p.add_argument("--tune-lengths", type=int, nargs="*", default=[16384], help="GPU: lengths for --tune rows")
     p.add_argument("--directions", type=int, nargs="*", default=[1, 4], help="GPU: direction counts K")
+    p.add_argument("--rows", default="auto,bp,tune,mamba",
+                   help="GPU: which rows, comma-separated from auto (our defaults), bp (--block-p), tune (--tune), "
+                        "mamba (mamba-ssm's kernels)")
+    p.add_argument("--mixer-tune", nargs="*", default=[""],
+                   help="GPU: MDM_SSD_TUNE values for our mixer rows ('' = the defaults)")
+    p.add_argument("--compile-only", action="store_true",
+                   help="GPU: run every selected row once, untimed, to fill the Triton cache (TRITON_CACHE_DIR) "
+                        "for a later timed run; several such processes can compile side by side")
+    p.add_argument("--smoke", action="store_true",
+                   help="run the GPU code path on CPU in Triton's interpreter at toy sizes (a check of this "
+                        "script, not a measurement)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = p.parse_args(argv)
+    bad = set(args.rows.split(",")) - {"auto", "bp", "tune", "mamba"}
+    if bad:
+        p.error(f"--rows: unknown {', '.join(sorted(bad))}; allowed: auto, bp, tune, mamba")
+    args.rows = set(args.rows.split(","))
+    if args.smoke:  # toy sizes: the interpreter runs every program of the grid in Python
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            p.error("--smoke needs TRITON_INTERPRET=1 before the kernels are imported (set by this script itself "
+                    "when --smoke is on its command line)")
+        args.lengths = args.lengths or [80]
+        args.nheads, args.headdim, args.dstate, args.chunk_size = args.nheads or 2, 16, args.dstate or 16, 16
+        args.tune_lengths = args.lengths
     gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if args.smoke and gpu:
+        p.error("--smoke runs on CPU; on a GPU run without it")
+    args.dev = "cuda" if gpu else "cpu"
     args.nheads = args.nheads or (32 if gpu else 8)
     args.dstate = args.dstate or (128 if gpu else 64)
     if not gpu:
         torch.set_num_threads(max(1, torch.get_num_threads()))
     device_name = torch.cuda.get_device_name() if gpu else f"cpu-{platform.processor() or platform.machine()}"
+    if args.smoke:
+        device_name += "-smoke"
+    args.device_name = device_name
     print(f"[bench] {device_name}: batch {args.batch}, nheads {args.nheads}, headdim {args.headdim}, "
           f"dstate {args.dstate}, ngroups {args.ngroups}, chunk {args.chunk_size}")
-    print_header(gpu)
+    print_header(gpu or args.smoke)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"scan_throughput_{slug(device_name)}.json"
     meta = dict(device=device_name, torch=torch.__version__, threads=torch.get_num_threads(),
                 peak_bandwidth_Bps=peak_bandwidth(device_name) if gpu else None,
-                config={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()})
+                config={k: (str(v) if isinstance(v, Path) else sorted(v) if isinstance(v, set) else v)
+                        for k, v in vars(args).items()})
 
     def save(rows):
         path.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
 
-    rows = bench_gpu(args, save) if gpu else bench_cpu(args)
-    if gpu and not args.no_mixer:
+    if args.compile_only:
+        save = lambda rows: None  # noqa: E731  fills the Triton cache only; the timed run writes the JSON
+    on_gpu_path = gpu or args.smoke
+    rows = bench_gpu(args, save) if on_gpu_path else bench_cpu(args)
+    if on_gpu_path and not args.no_mixer:
         bench_gpu_mixer(args, save, rows)
-    if not gpu:
+    if not on_gpu_path:
         for r in rows:
             print_row(r)
     save(rows)
+    if args.compile_only:
+        print("[bench] compile-only: nothing written")
+        return
     print(f"[bench] wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
 
 

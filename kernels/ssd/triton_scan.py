@@ -17,7 +17,7 @@ from torch import Tensor
 
 from kernels.ssd import triton_fwd
 from kernels.ssd.triton_bwd import ssd_bwd_triton
-from kernels.ssd.triton_fwd import headdim_block, ssd_fwd_triton, tuning
+from kernels.ssd.triton_fwd import chunk_block, headdim_block, ssd_fwd_triton, tuning
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -53,8 +53,11 @@ class SSDScanFn(torch.autograd.Function):
         # launch settings are read once, here: the backward runs later (after the caller may have
         # left the scope that set MDM_SSD_TUNE / MDM_SSD_HEADDIM_BLOCK) and must use the same ones
         tune = tuning()
-        K, batch, _, nheads, headdim = x.shape
-        block_p = headdim_block(headdim, K * batch * nheads, x.device)
+        K, batch, L, nheads, headdim = x.shape
+        programs = K * batch * nheads
+        if tune.get("parallel"):  # one program per chunk too: the grid is full without headdim blocks
+            programs *= -(-L // chunk_block(chunk_size, tune.get("fwd_chunk")))
+        block_p = headdim_block(headdim, programs, x.device)
         if tune.get("parallel"):
             from kernels.ssd.triton_par import ssd_fwd_parallel
 

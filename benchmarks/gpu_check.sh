@@ -38,7 +38,7 @@ T0=$SECONDS
 # Triton compiles each kernel specialization once per machine (~10-20 s apiece on a lent H100/H200
 # node, single-threaded), so phase 1 runs the GPU tests and fills the Triton cache for the benchmark's
 # rows in parallel processes; phase 2 then times them one at a time on a quiet GPU.
-TUNES="parallel=1 parallel=1,bwd_chunk=32 fwd_chunk=32,fwd_warps=4"
+TUNES="bwd_parallel=0 bwd_warps=4 bwd_chunk=32,bwd_warps=4 fwd_chunk=16"
 SCAN="$PY benchmarks/scan_throughput.py --device cuda"
 # 1. GPU tests (pytest-xdist where installed) beside the compile-only warm-up processes (< 150 s)
 XDIST=""; $PY -c 'import xdist' 2>/dev/null && XDIST="-n 4"
@@ -54,7 +54,7 @@ for K in 1 4; do
       --no-mixer >/dev/null 2>&1 & warm+=($!)
   done
 done
-timeout 140 $SCAN --compile-only --lengths 4096 --directions 1 --rows auto --mixer-tune "" parallel=1 >/dev/null 2>&1 & warm+=($!)
+timeout 140 $SCAN --compile-only --lengths 4096 --directions 1 --rows auto --mixer-tune "" bwd_parallel=0 >/dev/null 2>&1 & warm+=($!)
 timeout 140 $SCAN --compile-only --lengths 4096 --directions 1 --rows mamba >/dev/null 2>&1 & warm+=($!)
 wait "${warm[@]}" || true
 wait $TESTS || status=1
@@ -65,7 +65,7 @@ echo "[gpu_check] phase 1 (tests, compiling) done after $((SECONDS - T0)) s"
 #    kernels with copies; the 4-direction mixers (ours with either scan, mamba-ssm's); then 64K
 #    (results/scan_64k/)
 timeout 160 $SCAN --lengths 16384 4096 --rows auto,tune,mamba --tune $TUNES --tune-lengths 16384 4096 \
-  --mixer-tune "" parallel=1 2>&1 | tee "benchmarks/results/scan_throughput_$DEV.log" || status=1
+  --mixer-tune "" bwd_parallel=0 2>&1 | tee "benchmarks/results/scan_throughput_$DEV.log" || status=1
 timeout 70 $SCAN --lengths 65536 --rows auto,tune,mamba --tune $TUNES --tune-lengths 65536 --no-mixer \
   --out benchmarks/results/scan_64k 2>&1 | tee "benchmarks/results/scan_throughput_64k_$DEV.log" || status=1
 echo "[gpu_check] phase 2 (scan benchmark) done after $((SECONDS - T0)) s"
@@ -74,7 +74,7 @@ echo "[gpu_check] phase 2 (scan benchmark) done after $((SECONDS - T0)) s"
 #    --zero-stage 0 are one edit away (each ~60 s)
 for spec in 350m:3; do
   c=${spec%:*}; z=${spec#*:}; name="train_throughput_${c}_zero${z}_$DEV"
-  timeout 75 $PY benchmarks/train_throughput.py --config configs/$c.yaml --zero-stage $z --checkpointing every \
+  timeout 100 $PY benchmarks/train_throughput.py --config configs/$c.yaml --zero-stage $z --checkpointing every \
     --steps 4 --warmup 2 --set train.global_batch_size=16 --json "benchmarks/results/$name.json" \
     --profile "benchmarks/results/${name}_profile.txt" 2>&1 | tee "benchmarks/results/$name.log" || status=1
 done

@@ -242,14 +242,16 @@ class TestInterpreter:
         assert chunk_block(256) == 64 and chunk_block(20) == 32 and chunk_block(8) == 16
         args, kw = make_inputs(1, 150, 2, 16, 1, 16, seed=91, opts=("z", "D1", "bias", "softplus", "init", "order"))
         yr, sr, ref = run_with_grads(ssd_scan_reference, args, kw)
-        for tune in ("", "fwd_chunk=32,bwd_chunk=16,bwd_warps=2", "parallel=1,fwd_chunk=32,bwd_chunk=16"):
+        for tune in ("", "fwd_chunk=32,bwd_chunk=16,bwd_warps=2", "parallel=1,fwd_chunk=32,bwd_chunk=16",
+                     "bwd_parallel=1,fwd_chunk=32,fwd_warps=4", "fwd_parallel=1,bwd_chunk=32"):
             monkeypatch.setenv("MDM_SSD_TUNE", tune)
             y, s, got = run_with_grads(ssd_scan_triton, args, kw, chunk_size=128)
             assert rel_err(y, yr) < 1e-5 and rel_err(s, sr) < 1e-5, tune
             for name in ref:
                 assert rel_err(got[name], ref[name]) < 1e-5, (tune, name)
         for bad, msg in (("bwd_chunk=128", "out of range"), ("fwd_warps=3", "out of range"),
-                         ("parallel=2", "out of range"), ("chunk=32", "bad item"), ("bwd_warps=x", "bad item")):
+                         ("parallel=2", "out of range"), ("bwd_parallel=3", "out of range"), ("chunk=32", "bad item"),
+                         ("bwd_warps=x", "bad item")):
             monkeypatch.setenv("MDM_SSD_TUNE", bad)
             with pytest.raises(ValueError, match=msg):
                 tuning()
@@ -274,11 +276,29 @@ class TestInterpreter:
         monkeypatch.delenv("MDM_SSD_TUNE")
         monkeypatch.delenv("MDM_SSD_HEADDIM_BLOCK")
         y.sum().backward()
-        assert seen == [dict(block_p=16, tune={"bwd_chunk": 16, "bwd_warps": 2})]
+        assert seen == [dict(block_p=16, tune={"bwd_chunk": 16, "bwd_warps": 2, "fwd_parallel": 0, "bwd_parallel": 0})]
         ref = [t.clone().requires_grad_() for t in args]
         ssd_scan_reference(*ref, **kw).sum().backward()
         for a, b in zip(leaves, ref):
             assert rel_err(a.grad, b.grad) < 1e-5
+
+    def test_launch_defaults(self):
+        # the measured defaults on CUDA (benchmarks/gpu_results.md); what MDM_SSD_TUNE forces wins;
+        # nothing is added on CPU (torch.device("cuda") is only a name here: no GPU is touched)
+        from kernels.ssd.triton_fwd import launch_settings
+
+        gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+        assert launch_settings({}, gpu) == dict(fwd_parallel=0, fwd_chunk=32, fwd_warps=4, bwd_parallel=1)
+        assert launch_settings({"parallel": 1}, gpu) == dict(parallel=1, fwd_parallel=1, bwd_parallel=1)
+        assert launch_settings({"parallel": 0}, gpu) == dict(parallel=0, fwd_parallel=0, fwd_chunk=32, fwd_warps=4,
+                                                             bwd_parallel=0)
+        assert launch_settings({"parallel": 1, "bwd_parallel": 0}, gpu) == dict(parallel=1, fwd_parallel=1,
+                                                                                bwd_parallel=0)
+        assert launch_settings({"fwd_chunk": 64, "bwd_parallel": 0}, gpu) == dict(fwd_chunk=64, fwd_warps=4,
+                                                                                  fwd_parallel=0, bwd_parallel=0)
+        assert launch_settings({}, cpu) == dict(fwd_parallel=0, bwd_parallel=0)
+        assert launch_settings({"bwd_chunk": 16, "bwd_parallel": 1}, cpu) == dict(bwd_chunk=16, fwd_parallel=0,
+                                                                                  bwd_parallel=1)
 
     def test_headdim_block_choice(self, monkeypatch):
         from kernels.ssd.triton_fwd import headdim_block
@@ -485,8 +505,9 @@ class TestGPU:
             assert rel_err(got[2][name], ref[2][name]) < 2e-2, name
 
     def test_parallel_matches_sequential_bf16(self, monkeypatch):
-        # the chunk-parallel kernels (MDM_SSD_TUNE=parallel=1) against the sequential ones (tested
-        # against the reference above), 4 directions with their orders, seq_idx, every option
+        # the chunk-parallel kernels (MDM_SSD_TUNE=parallel=1) against the sequential ones, 4
+        # directions with their orders, seq_idx, every option (the defaults, which mix the two by
+        # size, are tested against the reference above)
         K, L = 4, 3001
         args, kw = make_inputs(2, L, 8, 64, 2, 64, seed=6, opts=("D2", "z", "bias", "softplus", "init", "seq"),
                                device="cuda")
@@ -498,7 +519,7 @@ class TestGPU:
         base = dict(x=stack(x).to(bf), dt=stack(dt), B=stack(B).to(bf), C=stack(C).to(bf), z=stack(kw["z"]).to(bf),
                     D=stack(kw["D"]), dt_bias=stack(kw["dt_bias"]), initial_states=stack(kw["initial_states"]))
         res = {}
-        for tune in ("", "parallel=1"):
+        for tune in ("fwd_parallel=0,bwd_parallel=0", "parallel=1"):  # the defaults may mix the two
             monkeypatch.setenv("MDM_SSD_TUNE", tune)
             leaves = {n: t.detach().clone().requires_grad_() for n, t in base.items()}
             y, s = ssd_scan_multi(leaves["x"], leaves["dt"], A, leaves["B"], leaves["C"], D=leaves["D"], z=leaves["z"],
@@ -509,7 +530,7 @@ class TestGPU:
             ((y.float() * torch.randn(y.shape, device="cuda", generator=g)).sum()
              + (s * torch.randn(s.shape, device="cuda", generator=g)).sum()).backward()
             res[tune] = (y, s, {n: t.grad for n, t in leaves.items()})
-        (y0, s0, g0), (y1, s1, g1) = res[""], res["parallel=1"]
+        (y0, s0, g0), (y1, s1, g1) = res["fwd_parallel=0,bwd_parallel=0"], res["parallel=1"]
         assert rel_err(y1, y0) < 1e-2 and rel_err(s1, s0) < 1e-2
         for name in g0:
             assert rel_err(g1[name], g0[name]) < 2e-2, name

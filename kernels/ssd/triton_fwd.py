@@ -233,14 +233,17 @@ def _block(n: int) -> int:
 
 
 MAX_CHUNK_BLOCK = 64  # larger chunks need more shared memory than an H100 has (256: 313 KB > 227 KB)
-TUNE_KEYS = ("fwd_chunk", "fwd_warps", "bwd_chunk", "bwd_warps", "parallel")
+TUNE_KEYS = ("fwd_chunk", "fwd_warps", "bwd_chunk", "bwd_warps", "parallel", "fwd_parallel", "bwd_parallel")
+PARALLEL_KEYS = ("parallel", "fwd_parallel", "bwd_parallel")
 
 
 def tuning() -> dict[str, int]:
     """Launch settings forced through the environment variable MDM_SSD_TUNE, e.g.
     ``MDM_SSD_TUNE=bwd_chunk=32,bwd_warps=16`` (keys: fwd_chunk, fwd_warps, bwd_chunk, bwd_warps,
-    parallel; chunks are powers of two in [16, 64], warps 1, 2, 4, 8 or 16, parallel 0 or 1: the
-    chunk-parallel kernels of ``triton_par.py``). Only speed depends on them, not results."""
+    fwd_parallel, bwd_parallel, parallel; chunks are powers of two in [16, 64], warps 1, 2, 4, 8 or
+    16; fwd_parallel / bwd_parallel 0 or 1: the chunk-parallel kernels of ``triton_par.py`` for the
+    forward / backward, parallel=1 both). Only speed depends on them, not results. What is not set
+    here takes the measured defaults of :func:`launch_settings`."""
     raw = os.environ.get("MDM_SSD_TUNE", "").strip()
     out = {}
     for item in filter(None, (t.strip() for t in raw.split(","))):
@@ -251,11 +254,44 @@ def tuning() -> dict[str, int]:
         if key.endswith("chunk"):
             ok = 16 <= v <= MAX_CHUNK_BLOCK and v & (v - 1) == 0
         else:
-            ok = v in ((0, 1) if key == "parallel" else (1, 2, 4, 8, 16))
+            ok = v in ((0, 1) if key in PARALLEL_KEYS else (1, 2, 4, 8, 16))
         if not ok:
             raise ValueError(f"MDM_SSD_TUNE: {key}={v} out of range (chunks: powers of two 16..{MAX_CHUNK_BLOCK}; "
-                             "warps: 1, 2, 4, 8 or 16; parallel: 0 or 1)")
+                             "warps: 1, 2, 4, 8 or 16; parallel, fwd_parallel, bwd_parallel: 0 or 1)")
         out[key] = v
+    return out
+
+
+def launch_settings(tune: dict[str, int], device: torch.device) -> dict[str, int]:
+    """The launch settings a scan uses: those forced (``tune``, from :func:`tuning`) and, for the
+    rest, defaults chosen from one H200 run of ``benchmarks/gpu_check.sh`` (bf16, batch 1, 32 heads,
+    headdim 64, dstate 128, 1 and 4 directions, 4K-64K tokens; ``benchmarks/gpu_results.md``):
+
+    - forward: the sequential kernel in chunks of 32 with 4 warps: 1.2-1.5x faster than chunks of
+      64 with 8 warps from 16K tokens on (within 5% at 4K); the chunk-parallel forward was never
+      faster (its two passes re-read every chunk).
+    - backward: the chunk-parallel kernels, in chunks of 64: faster than the sequential backward in
+      all six cases (1.5-1.6x for one direction, 1.1x for four), for one more float32 buffer of
+      the chunk-entry states' size (freed when the backward returns).
+    On CPU (Triton's interpreter) nothing is added: the kernels' own defaults, sequential.
+    """
+    out = dict(tune)
+    if "parallel" in out:
+        out.setdefault("fwd_parallel", out["parallel"])
+        out.setdefault("bwd_parallel", out["parallel"])
+    on_gpu = device.type == "cuda"
+    out.setdefault("fwd_parallel", 0)
+    if on_gpu and not out["fwd_parallel"]:
+        out.setdefault("fwd_chunk", 32)
+        out.setdefault("fwd_warps", 4)
+    out.setdefault("bwd_parallel", int(on_gpu))
+    return out
+    out.setdefault("fwd_parallel", 0)
+    if not out["fwd_parallel"]:
+        out.setdefault("fwd_chunk", 32)
+        out.setdefault("fwd_warps", 4)
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    out.setdefault("bwd_parallel", int(2 * programs <= sms))
     return out
 
 

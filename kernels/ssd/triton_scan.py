@@ -17,7 +17,7 @@ from torch import Tensor
 
 from kernels.ssd import triton_fwd
 from kernels.ssd.triton_bwd import ssd_bwd_triton
-from kernels.ssd.triton_fwd import chunk_block, headdim_block, ssd_fwd_triton, tuning
+from kernels.ssd.triton_fwd import chunk_block, headdim_block, launch_settings, ssd_fwd_triton, tuning
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -52,23 +52,26 @@ class SSDScanFn(torch.autograd.Function):
                 dt_softplus, chunk_size, deterministic):
         # launch settings are read once, here: the backward runs later (after the caller may have
         # left the scope that set MDM_SSD_TUNE / MDM_SSD_HEADDIM_BLOCK) and must use the same ones
-        tune = tuning()
         K, batch, L, nheads, headdim = x.shape
         programs = K * batch * nheads
-        if tune.get("parallel"):  # one program per chunk too: the grid is full without headdim blocks
-            programs *= -(-L // chunk_block(chunk_size, tune.get("fwd_chunk")))
-        block_p = headdim_block(headdim, programs, x.device)
-        if tune.get("parallel"):
+        tune = launch_settings(tuning(), x.device)
+
+        def block_p(parallel: int, chunk_key: str) -> int:
+            # the chunk-parallel kernels run one program per chunk too: a full grid without headdim blocks
+            n = programs * (-(-L // chunk_block(chunk_size, tune.get(chunk_key))) if parallel else 1)
+            return headdim_block(headdim, n, x.device)
+
+        if tune["fwd_parallel"]:
             from kernels.ssd.triton_par import ssd_fwd_parallel
 
-            y, final = ssd_fwd_parallel(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_states,
-                                        seq_idx, scan_order, chunk_size, block_p=block_p, tune=tune)
+            y, final = ssd_fwd_parallel(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_states, seq_idx,
+                                        scan_order, chunk_size, block_p=block_p(1, "fwd_chunk"), tune=tune)
         else:
-            y, final, _ = ssd_fwd_triton(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_states,
-                                         seq_idx, scan_order, chunk_size, block_p=block_p, tune=tune)
+            y, final, _ = ssd_fwd_triton(x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_states, seq_idx,
+                                         scan_order, chunk_size, block_p=block_p(0, "fwd_chunk"), tune=tune)
         ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, initial_states, seq_idx, scan_order)
         ctx.opts = (dt_softplus, chunk_size, deterministic)
-        ctx.launch = dict(block_p=block_p, tune=tune)
+        ctx.launch = dict(block_p=block_p(tune["bwd_parallel"], "bwd_chunk"), tune=tune)
         ctx.set_materialize_grads(False)
         return y, final
 
@@ -79,7 +82,7 @@ class SSDScanFn(torch.autograd.Function):
         if dy is None:
             dy = torch.zeros_like(x)
         bwd = ssd_bwd_triton
-        if ctx.launch["tune"].get("parallel"):
+        if ctx.launch["tune"]["bwd_parallel"]:
             from kernels.ssd.triton_par import ssd_bwd_parallel as bwd
         grads = bwd(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, initial_states,
                     seq_idx, scan_order, chunk_size, deterministic, **ctx.launch)

@@ -182,10 +182,14 @@ def interpreted():
         yield
 
 
-@pytest.fixture(params=["sequential", "parallel"])
+ALGOS = {"sequential": "", "parallel": "parallel=1", "parallel-nblock16": "parallel=1,bwd_nblock=16"}
+
+
+@pytest.fixture(params=list(ALGOS))
 def algo(request, monkeypatch):
-    """The kernels' two algorithms (triton_fwd/bwd: chunks in sequence; triton_par: in parallel)."""
-    monkeypatch.setenv("MDM_SSD_TUNE", "parallel=1" if request.param == "parallel" else "")
+    """The kernels' two algorithms (triton_fwd/bwd: chunks in sequence; triton_par: in parallel),
+    the latter also with its backward's gradient pass in blocks of 16 dstate columns."""
+    monkeypatch.setenv("MDM_SSD_TUNE", ALGOS[request.param])
     return request.param
 
 
@@ -233,6 +237,22 @@ class TestInterpreter:
         for name in ref:
             assert rel_err(got[name], ref[name]) < 1e-5, name
 
+    @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+    def test_dstate_blocks_match_reference(self, monkeypatch, deterministic):
+        # the chunk-parallel backward's gradient pass with dstate 40 in blocks of 16 (three, the last
+        # partial), 2 heads per group; every option on; against the sequential float64-exact path
+        from kernels.ssd.triton_scan import ssd_scan_triton
+
+        args, kw = make_inputs(2, 45, 4, 8, 2, 40, seed=58,
+                               opts=("z", "D2", "bias", "softplus", "init", "seq_any", "order"))
+        yr, sr, ref = run_with_grads(ssd_scan_reference, args, kw)
+        for tune in ("parallel=1,bwd_nblock=16", "bwd_parallel=1,bwd_nblock=32,bwd_chunk=32"):
+            monkeypatch.setenv("MDM_SSD_TUNE", tune)
+            y, s, got = run_with_grads(ssd_scan_triton, args, kw, chunk_size=16, deterministic=deterministic)
+            assert rel_err(y, yr) < 1e-5 and rel_err(s, sr) < 1e-5
+            for name in ref:
+                assert rel_err(got[name], ref[name]) < 1e-5, (tune, name)
+
     def test_chunk_blocks_and_tuning(self, monkeypatch):
         # chunk_size 128 runs in chunks of 64 (shared memory); a backward with its own chunk length
         # (16) and warps; the results are the same function, forward and every gradient
@@ -243,14 +263,16 @@ class TestInterpreter:
         args, kw = make_inputs(1, 150, 2, 16, 1, 16, seed=91, opts=("z", "D1", "bias", "softplus", "init", "order"))
         yr, sr, ref = run_with_grads(ssd_scan_reference, args, kw)
         for tune in ("", "fwd_chunk=32,bwd_chunk=16,bwd_warps=2", "parallel=1,fwd_chunk=32,bwd_chunk=16",
-                     "bwd_parallel=1,fwd_chunk=32,fwd_warps=4", "fwd_parallel=1,bwd_chunk=32"):
+                     "bwd_parallel=1,fwd_chunk=32,fwd_warps=4", "fwd_parallel=1,bwd_chunk=32",
+                     "bwd_parallel=1,bwd_nblock=128", "bwd_parallel=1,bwd_nblock=16,bwd_chunk=32"):
             monkeypatch.setenv("MDM_SSD_TUNE", tune)
             y, s, got = run_with_grads(ssd_scan_triton, args, kw, chunk_size=128)
             assert rel_err(y, yr) < 1e-5 and rel_err(s, sr) < 1e-5, tune
             for name in ref:
                 assert rel_err(got[name], ref[name]) < 1e-5, (tune, name)
         for bad, msg in (("bwd_chunk=128", "out of range"), ("fwd_warps=3", "out of range"),
-                         ("parallel=2", "out of range"), ("bwd_parallel=3", "out of range"), ("chunk=32", "bad item"),
+                         ("parallel=2", "out of range"), ("bwd_parallel=3", "out of range"),
+                         ("bwd_nblock=8", "out of range"), ("bwd_nblock=48", "out of range"), ("chunk=32", "bad item"),
                          ("bwd_warps=x", "bad item")):
             monkeypatch.setenv("MDM_SSD_TUNE", bad)
             with pytest.raises(ValueError, match=msg):
@@ -505,9 +527,9 @@ class TestGPU:
             assert rel_err(got[2][name], ref[2][name]) < 2e-2, name
 
     def test_parallel_matches_sequential_bf16(self, monkeypatch):
-        # the chunk-parallel kernels (MDM_SSD_TUNE=parallel=1) against the sequential ones, 4
-        # directions with their orders, seq_idx, every option (the defaults, which mix the two by
-        # size, are tested against the reference above)
+        # the chunk-parallel kernels (MDM_SSD_TUNE=parallel=1; also with the backward's dstate in
+        # blocks of 32) against the sequential ones, 4 directions with their orders, seq_idx, every
+        # option (the defaults, which mix the two, are tested against the reference above)
         K, L = 4, 3001
         args, kw = make_inputs(2, L, 8, 64, 2, 64, seed=6, opts=("D2", "z", "bias", "softplus", "init", "seq"),
                                device="cuda")
@@ -519,7 +541,8 @@ class TestGPU:
         base = dict(x=stack(x).to(bf), dt=stack(dt), B=stack(B).to(bf), C=stack(C).to(bf), z=stack(kw["z"]).to(bf),
                     D=stack(kw["D"]), dt_bias=stack(kw["dt_bias"]), initial_states=stack(kw["initial_states"]))
         res = {}
-        for tune in ("fwd_parallel=0,bwd_parallel=0", "parallel=1"):  # the defaults may mix the two
+        tunes = ("fwd_parallel=0,bwd_parallel=0", "parallel=1", "parallel=1,bwd_nblock=32")
+        for tune in tunes:
             monkeypatch.setenv("MDM_SSD_TUNE", tune)
             leaves = {n: t.detach().clone().requires_grad_() for n, t in base.items()}
             y, s = ssd_scan_multi(leaves["x"], leaves["dt"], A, leaves["B"], leaves["C"], D=leaves["D"], z=leaves["z"],
@@ -530,10 +553,12 @@ class TestGPU:
             ((y.float() * torch.randn(y.shape, device="cuda", generator=g)).sum()
              + (s * torch.randn(s.shape, device="cuda", generator=g)).sum()).backward()
             res[tune] = (y, s, {n: t.grad for n, t in leaves.items()})
-        (y0, s0, g0), (y1, s1, g1) = res["fwd_parallel=0,bwd_parallel=0"], res["parallel=1"]
-        assert rel_err(y1, y0) < 1e-2 and rel_err(s1, s0) < 1e-2
-        for name in g0:
-            assert rel_err(g1[name], g0[name]) < 2e-2, name
+        y0, s0, g0 = res[tunes[0]]
+        for tune in tunes[1:]:
+            y1, s1, g1 = res[tune]
+            assert rel_err(y1, y0) < 1e-2 and rel_err(s1, s0) < 1e-2, tune
+            for name in g0:
+                assert rel_err(g1[name], g0[name]) < 2e-2, (tune, name)
 
     def test_multi_direction_bf16(self):
         K, L = 4, 2048

@@ -37,23 +37,21 @@ from kernels.ssd.triton_fwd import (_apply_D_z, _block, _head_params, _load_chun
 
 
 @triton.jit
-def _chunk_grads(x, Bm, Cm, dtv, dt_raw, acs, seg, valid, Hc, G, dy, zv, Dv, A_h, bias_h, offs_q, causal,
-                 BQ: tl.constexpr, BP: tl.constexpr, dot_t: tl.constexpr, PREC: tl.constexpr,
-                 HAS_D: tl.constexpr, D_HDIM: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr):
-    """Every gradient of one chunk, given its entry state Hc and G = dLoss/d(state leaving it).
-
-    Returns dx, dz (dy where there is no z), ddt (through softplus/bias, 0 on padding), dB, dC,
-    dH_local (the chunk's own term of dLoss/d(entry state); the rest is chunk_decay * G),
-    chunk_decay, and this chunk's terms of dA, ddt_bias and dD (per headdim column)."""
+def _chunk_grads_core(CB, CH, BG, HG, x, dtv, dt_raw, acs, seg, valid, dy, zv, Dv, A_h, bias_h, offs_q, causal,
+                      BQ: tl.constexpr, BP: tl.constexpr, dot_t: tl.constexpr, PREC: tl.constexpr,
+                      HAS_D: tl.constexpr, D_HDIM: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """The part of one chunk's gradients that sees B, C and the states only through the products
+    summed over dstate: CB = C B^T (Q, Q), CH = C_l . H_c rows (Q, P), BG = G B_s rows (Q, P) and
+    HG = sum(H_c * G). Returns dx, dz, ddt (through softplus / bias, 0 on padding), and for dB, dC
+    and dH: dCB (Q, Q; dC = dCB B + ..., dB = dCB^T C + ...), gy (dLoss/dy before the gate), e, w;
+    then chunk_decay and this chunk's terms of dA, ddt_bias and dD (per headdim column)."""
     xf = x.to(tl.float32)
     acs_last = tl.sum(tl.where(offs_q == BQ - 1, acs, 0.0), axis=0)
     seg_last = tl.max(seg, axis=0)
-    CB = tl.dot(Cm, tl.trans(Bm), input_precision=PREC)
     keep = causal & (seg[:, None] == seg[None, :])
     decay = tl.exp(tl.where(keep, acs[:, None] - acs[None, :], -float("inf")))
     M0 = CB * decay
     e = tl.where(seg == 0, tl.exp(acs), 0.0)
-    CH = tl.dot(Cm, tl.trans(Hc).to(dot_t), input_precision=PREC)  # (Q, P): H_c @ C_l
     dz = dy
     if HAS_Z:
         # recompute y before the gate for dz
@@ -82,24 +80,17 @@ def _chunk_grads(x, Bm, Cm, dtv, dt_raw, acs, seg, valid, Hc, G, dy, zv, Dv, A_h
     T = MGX * dtv[None, :]
     dacs = tl.sum(T, axis=1) - tl.sum(T, axis=0)
     dCB = (decay * GX * dtv[None, :]).to(dot_t)
-    dC = tl.dot(dCB, Bm, input_precision=PREC)
-    dB = tl.dot(tl.trans(dCB), Cm, input_precision=PREC)
     # state -> output
-    dC += tl.dot(gyd, Hc.to(dot_t), input_precision=PREC) * e[:, None]
     dacs += e * tl.sum(gy * CH, axis=1)
-    dH_local = tl.dot(tl.trans((gy * e[:, None]).to(dot_t)), Cm, input_precision=PREC)
     # chunk state -> state leaving the chunk
     wdec = tl.where(seg == seg_last, tl.exp(acs_last - acs), 0.0)
     w = wdec * dtv
-    Gd = G.to(dot_t)
-    BG = tl.dot(Bm, tl.trans(Gd), input_precision=PREC)  # (Q, P): G @ B_s
     dx += BG * w[:, None]
-    dB += tl.dot(x, Gd, input_precision=PREC) * w[:, None]
     V = wdec * tl.sum(xf * BG, axis=1)
     ddt += V
     dacs -= dtv * V
     chunk_decay = tl.where(seg_last == 0, tl.exp(acs_last), 0.0)
-    dacs_last = tl.sum(dtv * V, axis=0) + chunk_decay * tl.sum(tl.sum(Hc * G, axis=1), axis=0)
+    dacs_last = tl.sum(dtv * V, axis=0) + chunk_decay * HG
     dacs += tl.where(offs_q == BQ - 1, dacs_last, 0.0)
     # acs = cumsum(dt * A)
     da = tl.cumsum(dacs, axis=0, reverse=True)
@@ -108,7 +99,32 @@ def _chunk_grads(x, Bm, Cm, dtv, dt_raw, acs, seg, valid, Hc, G, dy, zv, Dv, A_h
     if SOFTPLUS:
         ddt = ddt * tl.sigmoid(dt_raw + bias_h)
     ddt = tl.where(valid, ddt, 0.0)
-    return dx, dz, ddt, dB, dC, dH_local, chunk_decay, dA, tl.sum(ddt, axis=0), dD
+    return dx, dz, ddt, dCB, gy, e, w, chunk_decay, dA, tl.sum(ddt, axis=0), dD
+
+
+@triton.jit
+def _chunk_grads(x, Bm, Cm, dtv, dt_raw, acs, seg, valid, Hc, G, dy, zv, Dv, A_h, bias_h, offs_q, causal,
+                 BQ: tl.constexpr, BP: tl.constexpr, dot_t: tl.constexpr, PREC: tl.constexpr,
+                 HAS_D: tl.constexpr, D_HDIM: tl.constexpr, HAS_Z: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """Every gradient of one chunk, given its entry state Hc and G = dLoss/d(state leaving it).
+
+    Returns dx, dz (dy where there is no z), ddt (through softplus/bias, 0 on padding), dB, dC,
+    dH_local (the chunk's own term of dLoss/d(entry state); the rest is chunk_decay * G),
+    chunk_decay, and this chunk's terms of dA, ddt_bias and dD (per headdim column)."""
+    CB = tl.dot(Cm, tl.trans(Bm), input_precision=PREC)
+    CH = tl.dot(Cm, tl.trans(Hc).to(dot_t), input_precision=PREC)  # (Q, P): H_c @ C_l
+    Gd = G.to(dot_t)
+    BG = tl.dot(Bm, tl.trans(Gd), input_precision=PREC)  # (Q, P): G @ B_s
+    HG = tl.sum(tl.sum(Hc * G, axis=1), axis=0)
+    dx, dz, ddt, dCB, gy, e, w, chunk_decay, dA, dbias, dD = _chunk_grads_core(
+        CB, CH, BG, HG, x, dtv, dt_raw, acs, seg, valid, dy, zv, Dv, A_h, bias_h, offs_q, causal,
+        BQ, BP, dot_t, PREC, HAS_D, D_HDIM, HAS_Z, SOFTPLUS)
+    dC = tl.dot(dCB, Bm, input_precision=PREC)
+    dB = tl.dot(tl.trans(dCB), Cm, input_precision=PREC)
+    dC += tl.dot(gy.to(dot_t), Hc.to(dot_t), input_precision=PREC) * e[:, None]
+    dH_local = tl.dot(tl.trans((gy * e[:, None]).to(dot_t)), Cm, input_precision=PREC)
+    dB += tl.dot(x, Gd, input_precision=PREC) * w[:, None]
+    return dx, dz, ddt, dB, dC, dH_local, chunk_decay, dA, dbias, dD
 
 
 @triton.jit

@@ -43,24 +43,21 @@ def _softplus(v):
 
 
 @triton.jit
-def _load_chunk(
-    c, L, k, b, h, g, p0, A_h, bias_h,
-    x_ptr, dt_ptr, B_ptr, C_ptr, seq_ptr, order_ptr,
+def _load_rows(
+    c, L, k, b, h, p0, A_h, bias_h,
+    x_ptr, dt_ptr, seq_ptr, order_ptr,
     s_xk, s_xb, s_xl, s_xh, s_xp,
     s_dk, s_db, s_dl, s_dh,
-    s_bk, s_bb, s_bl, s_bg, s_bn,
-    s_ck, s_cb, s_cl, s_cg, s_cn,
     s_sk, s_sb, s_sl,
     s_ok, s_ol,
-    headdim, dstate,
-    BQ: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+    headdim,
+    BQ: tl.constexpr, BP: tl.constexpr,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_ORDER: tl.constexpr,
 ):
-    """Gather one chunk of the scan: positions, masks, dt (raw and processed), acs, x (headdim
-    columns p0 .. p0+BP-1), B, C, segs."""
+    """Gather one chunk of the scan but for B and C: positions, mask, dt (raw and processed), acs,
+    x (headdim columns p0 .. p0+BP-1), segs."""
     offs_q = tl.arange(0, BQ)
     offs_p = p0 + tl.arange(0, BP)
-    offs_n = tl.arange(0, BN)
     t = c * BQ + offs_q
     valid = t < L
     if HAS_ORDER:
@@ -76,13 +73,8 @@ def _load_chunk(
     dtv = tl.where(valid, dtv, 0.0)  # padding: no input and no decay
     acs = tl.cumsum(dtv * A_h, axis=0)
     mp = offs_p < headdim
-    mn = offs_n < dstate
     x = tl.load(x_ptr + k * s_xk + b * s_xb + pos[:, None] * s_xl + h * s_xh + offs_p[None, :] * s_xp,
                 mask=valid[:, None] & mp[None, :], other=0.0)
-    Bm = tl.load(B_ptr + k * s_bk + b * s_bb + pos[:, None] * s_bl + g * s_bg + offs_n[None, :] * s_bn,
-                 mask=valid[:, None] & mn[None, :], other=0.0).to(x_ptr.dtype.element_ty)
-    Cm = tl.load(C_ptr + k * s_ck + b * s_cb + pos[:, None] * s_cl + g * s_cg + offs_n[None, :] * s_cn,
-                 mask=valid[:, None] & mn[None, :], other=0.0).to(x_ptr.dtype.element_ty)
     if HAS_SEQ:
         cur = tl.load(seq_ptr + k * s_sk + b * s_sb + pos * s_sl, mask=valid, other=0)
         has_prev = valid & (t > 0)
@@ -95,6 +87,48 @@ def _load_chunk(
         seg = tl.cumsum(change, axis=0)  # 0 = the segment the chunk was entered in
     else:
         seg = tl.zeros([BQ], dtype=tl.int32)
+    return pos, valid, dt_raw, dtv, acs, x, seg
+
+
+@triton.jit
+def _load_bc(
+    B_ptr, C_ptr, k, b, g, pos, valid, n0,
+    s_bk, s_bb, s_bl, s_bg, s_bn,
+    s_ck, s_cb, s_cl, s_cg, s_cn,
+    dstate, BN: tl.constexpr, dot_t: tl.constexpr,
+):
+    """B and C of one chunk's positions, dstate columns n0 .. n0+BN-1, as matmul operands."""
+    offs_n = n0 + tl.arange(0, BN)
+    m = valid[:, None] & (offs_n < dstate)[None, :]
+    Bm = tl.load(B_ptr + k * s_bk + b * s_bb + pos[:, None] * s_bl + g * s_bg + offs_n[None, :] * s_bn,
+                 mask=m, other=0.0).to(dot_t)
+    Cm = tl.load(C_ptr + k * s_ck + b * s_cb + pos[:, None] * s_cl + g * s_cg + offs_n[None, :] * s_cn,
+                 mask=m, other=0.0).to(dot_t)
+    return Bm, Cm
+
+
+@triton.jit
+def _load_chunk(
+    c, L, k, b, h, g, p0, A_h, bias_h,
+    x_ptr, dt_ptr, B_ptr, C_ptr, seq_ptr, order_ptr,
+    s_xk, s_xb, s_xl, s_xh, s_xp,
+    s_dk, s_db, s_dl, s_dh,
+    s_bk, s_bb, s_bl, s_bg, s_bn,
+    s_ck, s_cb, s_cl, s_cg, s_cn,
+    s_sk, s_sb, s_sl,
+    s_ok, s_ol,
+    headdim, dstate,
+    BQ: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_ORDER: tl.constexpr,
+):
+    """Gather one chunk of the scan: positions, masks, dt (raw and processed), acs, x (headdim
+    columns p0 .. p0+BP-1), B, C, segs."""
+    pos, valid, dt_raw, dtv, acs, x, seg = _load_rows(
+        c, L, k, b, h, p0, A_h, bias_h, x_ptr, dt_ptr, seq_ptr, order_ptr,
+        s_xk, s_xb, s_xl, s_xh, s_xp, s_dk, s_db, s_dl, s_dh, s_sk, s_sb, s_sl, s_ok, s_ol,
+        headdim, BQ, BP, HAS_BIAS, SOFTPLUS, HAS_SEQ, HAS_ORDER)
+    Bm, Cm = _load_bc(B_ptr, C_ptr, k, b, g, pos, valid, 0, s_bk, s_bb, s_bl, s_bg, s_bn,
+                      s_ck, s_cb, s_cl, s_cg, s_cn, dstate, BN, x_ptr.dtype.element_ty)
     return pos, valid, dt_raw, dtv, acs, x, Bm, Cm, seg
 
 
@@ -233,7 +267,8 @@ def _block(n: int) -> int:
 
 
 MAX_CHUNK_BLOCK = 64  # larger chunks need more shared memory than an H100 has (256: 313 KB > 227 KB)
-TUNE_KEYS = ("fwd_chunk", "fwd_warps", "bwd_chunk", "bwd_warps", "parallel", "fwd_parallel", "bwd_parallel")
+TUNE_KEYS = ("fwd_chunk", "fwd_warps", "bwd_chunk", "bwd_warps", "parallel", "fwd_parallel", "bwd_parallel",
+             "bwd_nblock")
 PARALLEL_KEYS = ("parallel", "fwd_parallel", "bwd_parallel")
 
 
@@ -242,8 +277,9 @@ def tuning() -> dict[str, int]:
     ``MDM_SSD_TUNE=bwd_chunk=32,bwd_warps=16`` (keys: fwd_chunk, fwd_warps, bwd_chunk, bwd_warps,
     fwd_parallel, bwd_parallel, parallel; chunks are powers of two in [16, 64], warps 1, 2, 4, 8 or
     16; fwd_parallel / bwd_parallel 0 or 1: the chunk-parallel kernels of ``triton_par.py`` for the
-    forward / backward, parallel=1 both). Only speed depends on them, not results. What is not set
-    here takes the measured defaults of :func:`launch_settings`."""
+    forward / backward, parallel=1 both; bwd_nblock 0 or a power of two 16..256: the chunk-parallel
+    backward's gradient pass in blocks of that many dstate columns). Only speed depends on them, not
+    results. What is not set here takes the measured defaults of :func:`launch_settings`."""
     raw = os.environ.get("MDM_SSD_TUNE", "").strip()
     out = {}
     for item in filter(None, (t.strip() for t in raw.split(","))):
@@ -253,11 +289,14 @@ def tuning() -> dict[str, int]:
         v = int(val)
         if key.endswith("chunk"):
             ok = 16 <= v <= MAX_CHUNK_BLOCK and v & (v - 1) == 0
+        elif key == "bwd_nblock":
+            ok = v == 0 or (16 <= v <= 256 and v & (v - 1) == 0)
         else:
             ok = v in ((0, 1) if key in PARALLEL_KEYS else (1, 2, 4, 8, 16))
         if not ok:
             raise ValueError(f"MDM_SSD_TUNE: {key}={v} out of range (chunks: powers of two 16..{MAX_CHUNK_BLOCK}; "
-                             "warps: 1, 2, 4, 8 or 16; parallel, fwd_parallel, bwd_parallel: 0 or 1)")
+                             "warps: 1, 2, 4, 8 or 16; parallel, fwd_parallel, bwd_parallel: 0 or 1; "
+                             "bwd_nblock: 0 or a power of two 16..256)")
         out[key] = v
     return out
 

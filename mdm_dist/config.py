@@ -89,6 +89,11 @@ class ModelConfig:
     direction_combine: Literal["sum", "mean"] = "mean"
     lateral_pad: bool = False  # DiM's learnable pad token at the end of each image row
     long_skip: bool = False  # U-ViT long skips from the first half of the blocks to the second
+    # Self-conditioning of the image (Chen et al. 2022, "Analog Bits"): the backbone also reads an
+    # estimate of the clean image latents (its own earlier prediction, or zeros) through a
+    # zero-initialized projection; mdm_loss makes that estimate with an extra no-grad forward for
+    # half the samples, the samplers feed the previous step's estimate
+    self_condition: bool = False
     # Hybrid: one bidirectional attention block after every `attention_every` Mamba blocks
     attention_every: int = 0  # 0 = pure Mamba (the paper's configs)
     attn_heads: int = 4

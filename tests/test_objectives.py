@@ -391,3 +391,63 @@ def test_errors():
         mdm_loss(model, bad, cfg)
     with pytest.raises(ValueError, match="img_mu"):
         mdm_loss(model, {"ids": batch["ids"]}, cfg)
+
+
+class CallLog(nn.Module):
+    """Wraps the real backbone and keeps every call's inputs (keyword img_sc too) and outputs."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.calls = []
+
+    def forward(self, *args, img_sc=None):
+        out = self.inner(*args, img_sc=img_sc)
+        self.calls.append((args, img_sc, out, torch.is_grad_enabled()))
+        return out
+
+
+@pytest.mark.parametrize("prediction", ["v", "eps"])
+def test_self_conditioning_feeds_the_models_own_estimate(prediction):
+    """model.self_condition: a first no-grad call makes the clean-image estimate; the second call
+    gets it exactly where sc < 0.5 and the image is generated, zeros elsewhere (i2t, sc >= 0.5)."""
+    from mdm_dist.diffusion.objectives import image_x0_estimate
+
+    cfg, model = tiny("model.self_condition=true", f"diffusion.image_prediction={prediction}")
+    nn.init.normal_(model.backbone.img_sc_in.weight, std=0.1)  # zero-initialized: make it matter
+    model.backbone = CallLog(model.backbone)
+    batch = make_batch(cfg, pixels=False)
+    sc = torch.tensor([0.1, 0.9, 0.2, 0.3, 0.7, 0.4])  # tasks joint t2i i2t joint t2i i2t
+    out = loss_of(model, batch, cfg, fixed={**ALL, "sc": sc})
+    (args1, sc1, (_, img1), grad1), (args2, sc2, _, grad2) = model.backbone.calls
+    assert sc1 is None and not grad1 and grad2
+    for a, b in zip(args1, args2):
+        assert torch.equal(a, b)
+    z_img, t_img = args1[1], args1[3]
+    vp = from_config(cfg.diffusion).vp
+    est = image_x0_estimate(img1.float(), z_img.float(), t_img, vp, prediction)
+    use = torch.tensor([True, False, False, True, False, False])
+    torch.testing.assert_close(sc2[use], est[use])
+    assert torch.equal(sc2[~use], torch.zeros_like(sc2[~use]))
+    if prediction == "v":  # x0 = sqrt(abar) z_t - sigma v, by hand in float64
+        a = vp.alpha_bar(t_img.double())[:, None, None]
+        ref = a.sqrt() * z_img.double() - (1 - a).sqrt() * img1.double()
+        torch.testing.assert_close(est.double(), ref, rtol=1e-5, atol=1e-6)
+    out["total"].backward()
+    assert model.backbone.inner.img_sc_in.weight.grad.abs().sum() > 0
+
+
+def test_self_conditioning_starts_as_a_no_op():
+    """Zero-initialized, the self-conditioning input changes nothing: the loss equals that of the
+    same weights without it, under the same draws (its own draw comes after all the others)."""
+    cfg_sc, with_sc = tiny("model.self_condition=true")
+    cfg, plain = tiny()
+    missing, unexpected = plain.load_state_dict(with_sc.state_dict(), strict=False)
+    assert not missing and all(k.startswith("backbone.img_sc_in.") for k in unexpected) and unexpected
+    batch = make_batch(cfg)
+    a, b = loss_of(with_sc, batch, cfg_sc, seed=3), loss_of(plain, batch, cfg, seed=3)
+    for k in b:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="self_condition"):
+        plain.backbone(torch.zeros(1, 6, 8), torch.zeros(1, 16, 8), torch.zeros(1), torch.zeros(1),
+                       torch.zeros(1, dtype=torch.long), img_sc=torch.zeros(1, 16, 8))

@@ -416,3 +416,49 @@ def test_all_modes_with_real_tiny_mdm(text_process):
                 assert torch.equal(out[k], outs[1][k]), (mode, sampler, k)
         if mode == "t2i":
             assert torch.equal(out["ids"], ids)
+
+
+@pytest.mark.parametrize("mode, w, prediction", [("t2i", 2.0, "v"), ("joint", 1.0, "eps"), ("i2t", 1.0, "v")])
+def test_self_conditioning_feeds_the_previous_estimate(mode, w, prediction):
+    """model.self_condition: the first call that generates the image gets zeros, every later call
+    the clean-image estimate of the call before it (guided, for both halves under guidance);
+    captioning (the image is given) never self-conditions."""
+    from mdm_dist.diffusion.objectives import image_x0_estimate
+    from mdm_dist.models.mdm import build_model
+
+    cfg = load_config(None, overrides=[*TINY, "model.self_condition=true", f"diffusion.image_prediction={prediction}"])
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.05) if p.dim() >= 2 else None
+    calls = []
+
+    class Logged(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, *args, img_sc=None):
+            out = self.inner(*args, img_sc=img_sc)
+            calls.append((args, img_sc, out))
+            return out
+
+    model.backbone = Logged(model.backbone)
+    b = 2
+    kw = {"t2i": {"ids": torch.randint(2, cfg.vae.vocab_size, (b, cfg.vae.max_text_len))},
+          "joint": {"batch_size": b}, "i2t": {"images": torch.rand(b, 3, 16, 16) * 2 - 1}}[mode]
+    sample(model, mode, steps=3, sampler="dpm2", guidance_scale=w, generator=torch.Generator().manual_seed(0), **kw)
+    assert len(calls) == (3 if mode == "i2t" else 6)  # dpm2: two calls per step with an image to integrate
+    vp = from_config(cfg.diffusion).vp
+    prev = None
+    for args, img_sc, (_, img_out) in calls:
+        if mode == "i2t":
+            assert img_sc is None
+            continue
+        expect = torch.zeros(b, *img_out.shape[1:], dtype=torch.float64) if prev is None else prev
+        got = img_sc[:b]
+        torch.testing.assert_close(got.double(), expect.double(), rtol=1e-5, atol=1e-5)  # float32 sampler
+        if w != 1.0:
+            assert torch.equal(img_sc[b:], img_sc[:b])
+        pred = guide(img_out[:b], img_out[b:], w) if w != 1.0 else img_out
+        prev = image_x0_estimate(pred.double(), args[1][:b].double(), args[3][:b], vp, prediction)

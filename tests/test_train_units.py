@@ -32,6 +32,12 @@ def test_per_sample_noise_independent_of_batch_composition():
     za = SampleNoise(["x", "z"], 0, 1).vae_sample(mu, lv)
     zb = SampleNoise(["z"], 0, 1).vae_sample(mu[:1], lv[:1])
     torch.testing.assert_close(za[1], zb[0], rtol=0, atol=0)
+    assert "sc" not in a
+    sc_cfg = load_config(None, ["vae.max_text_len=6", "vae.d_z=8", "model.self_condition=true"])
+    d = SampleNoise(["x", "y", "z"], seed=0, step=3).fixed(sc_cfg, 4, "cpu")  # self-conditioning's coin
+    assert d["sc"].shape == (3,) and ((d["sc"] >= 0) & (d["sc"] < 1)).all()
+    for k in a:  # drawn after the others: they do not change
+        torch.testing.assert_close(a[k], d[k], rtol=0, atol=0)
 
 
 def test_ema_update_and_state():

@@ -215,6 +215,18 @@ def absorb(ids: torch.Tensor, sigma: torch.Tensor, mask_id: int, uniform: torch.
     return torch.where(uniform < p_mask[:, None], torch.full_like(ids, mask_id), ids)
 
 
+def image_x0_estimate(img_out: torch.Tensor, z_t: torch.Tensor, t: torch.Tensor, vp: VPSchedule,
+                      prediction: str, bound: float = 10.0) -> torch.Tensor:
+    """The clean image latents implied by the backbone's image output at z_t, per sample:
+    v-prediction x0 = sqrt(abar) z_t - sigma v; eps-prediction x0 = (z_t - sigma eps) / sqrt(abar),
+    clipped to [-bound, bound] (the latents are standardized; at t -> 1, abar -> 0 amplifies eps)."""
+    a = vp.alpha_bar(t.double()).to(z_t.dtype)[:, None, None]
+    s = vp.sigma(t.double()).to(z_t.dtype)[:, None, None]
+    if prediction == "v":
+        return a.sqrt() * z_t - s * img_out
+    return ((z_t - s * img_out) / a.sqrt().clamp_min(1e-4)).clamp(-bound, bound)
+
+
 def _vp_noise(z0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor, vp: VPSchedule) -> torch.Tensor:
     """z_t = sqrt(abar(t)) z0 + sigma(t) eps, per sample."""
     a = vp.alpha_bar(t.double()).to(z0.dtype)[:, None, None]
@@ -252,7 +264,9 @@ def mdm_loss(
             ``task`` ((B,) codes 0/1/2 or names joint/t2i/i2t, or one name), ``drop`` (B,) bool,
             ``t_txt``/``t_img`` (B,) (the times as drawn, before the task sets a condition's time
             to 0), ``mask_noise`` (B, L) uniforms (a token is masked iff mask_noise <
-            1 - exp(-sigma)), ``eps_img`` (B, N, d_z), ``eps_txt`` (B, L, d_z) (gaussian text).
+            1 - exp(-sigma)), ``eps_img`` (B, N, d_z), ``eps_txt`` (B, L, d_z) (gaussian text),
+            ``sc`` (B,) uniforms (``model.self_condition``: a sample whose image is generated gets
+            the model's own estimate iff sc < 0.5).
 
     Per sample:
         * task ~ ``diffusion.task_probs``: ``joint`` (t_txt, t_img in [t_eps, 1] independently,
@@ -354,7 +368,19 @@ def mdm_loss(
         z_txt = torch.where(is_t2i[:, None, None], z0_txt, z_txt)
         z_txt = torch.where(drop_txt[:, None, None], eps_txt, z_txt)
 
-    txt_out, img_out = backbone(z_txt, z_img, t_txt, t_img, category)
+    if cfg.model.self_condition:
+        # half the samples whose image is generated see the model's own clean-image estimate from
+        # a first, no-grad call (detached, as in Chen et al. 2022); the others, and every given
+        # image, see zeros. Every rank makes the extra call every step (collectives stay matched).
+        with torch.no_grad():
+            _, img_first = backbone(z_txt, z_img, t_txt, t_img, category)
+        x0_est = image_x0_estimate(img_first.float(), z_img.float(), t_img, vp, d.image_prediction)
+        u_sc = fixed["sc"].to(device) if "sc" in fixed else _uniform((b,), generator, device)
+        use_sc = (u_sc < 0.5) & img_active & ~drop_img
+        img_sc = torch.where(use_sc[:, None, None], x0_est, torch.zeros_like(x0_est)).to(z_img.dtype)
+        txt_out, img_out = backbone(z_txt, z_img, t_txt, t_img, category, img_sc=img_sc)
+    else:
+        txt_out, img_out = backbone(z_txt, z_img, t_txt, t_img, category)
 
     # -- text diffusion term -----------------------------------------------------------------
     if d.text_process == "absorbing":
@@ -405,4 +431,5 @@ def mdm_loss(
     return out
 
 
-__all__ = ["score_entropy_absorbing", "absorbing_log_scores", "dsm_image_weight", "mdm_loss", "draw_tasks", "absorb", "TASKS"]
+__all__ = ["score_entropy_absorbing", "absorbing_log_scores", "dsm_image_weight", "mdm_loss", "draw_tasks", "absorb",
+           "image_x0_estimate", "TASKS"]

@@ -38,6 +38,10 @@ in ``t2i``, all-MASK text (absorbing) or pure-noise text latents (gaussian) at t
 ``i2t`` a pure-noise image at t_img = 1 (the same inputs ``mdm_loss`` trains on when it drops a
 condition). The two calls are batched together. w = 1 skips the unconditional call.
 
+Self-conditioning (``model.self_condition``): every backbone call that generates the image also
+gets the clean-image estimate of the call before it (zeros at the first), as in Chen et al. 2022;
+with guidance, the guided estimate, for both halves of the batch.
+
 Given conditions are VAE-encoded and sampled (z = mu + sigma eps), as ``mdm_loss`` does.
 Every random number comes from ``generator`` (which must live on the model's device), so a
 seeded generator makes the output reproducible.
@@ -47,7 +51,7 @@ from __future__ import annotations
 
 import torch
 
-from mdm_dist.diffusion.objectives import I2T, T2I, TASKS
+from mdm_dist.diffusion.objectives import I2T, T2I, TASKS, image_x0_estimate
 from mdm_dist.diffusion.schedules import VPSchedule, from_config
 
 SAMPLERS = ("dpm2", "ddim", "euler")
@@ -251,12 +255,17 @@ def _sample(model, mode, batch_size, ids, images, img_latents, category, steps, 
             return vae.sample(*vae.encode_text(x_ids), gen).to(dtype)
         return z
 
+    self_cond = cfg.model.self_condition and gen_img
+    sc = {"x0": torch.zeros(b, N, dz, device=device, dtype=dtype)} if self_cond else {}
+
     def denoise(txt, img, t: float):
         """(text prediction, image eps): text prediction = log-scores (absorbing) or eps."""
         ones = torch.ones(b, device=device, dtype=torch.float32)
         t_txt = ones * (t if gen_txt else 0.0)
         t_img = ones * (t if gen_img else 0.0)
+        z_img_in = img
         cat = category
+        img_sc = sc.get("x0")
         if use_cfg:
             u_txt_in, ut_txt = (u_txt, ones) if mode == T2I else (txt, t_txt)
             u_img_in, ut_img = (u_img, ones) if mode == I2T else (img, t_img)
@@ -264,18 +273,24 @@ def _sample(model, mode, batch_size, ids, images, img_latents, category, steps, 
             img = torch.cat([img, u_img_in.to(img.dtype)])
             t_txt, t_img = torch.cat([t_txt, ut_txt]), torch.cat([t_img, ut_img])
             cat = torch.cat([category, null])
-        txt_out, img_out = backbone(txt, img, t_txt, t_img, cat)
+            img_sc = None if img_sc is None else torch.cat([img_sc, img_sc])
+        if self_cond:
+            txt_out, img_out = backbone(txt, img, t_txt, t_img, cat, img_sc=img_sc)
+        else:
+            txt_out, img_out = backbone(txt, img, t_txt, t_img, cat)
         txt_pred = vae.decode_text(txt_out).float() if absorbing else txt_out.to(dtype)
         if absorbing and d.text_score == "conditional":
             # log p(x0 | x_t): absorbing_step only needs the distribution (log r is one shift per
             # sample, and guidance combines normalized log-probabilities, not raw logits)
             txt_pred = txt_pred.masked_fill(mask_col, float("-inf")).log_softmax(-1)
         img_pred = img_out.to(dtype)
-        if gen_img and d.image_prediction == "v":  # eps = sqrt(abar) v + sigma z_t
-            img_pred = float(vp.alpha_bar(t)) ** 0.5 * img_pred + float(vp.sigma(t)) * img
-        if use_cfg:
+        if use_cfg:  # guidance is linear, so guiding v (or eps) before the conversion below is the same
             txt_pred = guide(txt_pred[:b], txt_pred[b:], w)
             img_pred = guide(img_pred[:b], img_pred[b:], w)
+        if self_cond:  # the next call's estimate of the clean image
+            sc["x0"] = image_x0_estimate(img_pred, z_img_in, ones * t, vp, d.image_prediction)
+        if gen_img and d.image_prediction == "v":  # eps = sqrt(abar) v + sigma z_t
+            img_pred = float(vp.alpha_bar(t)) ** 0.5 * img_pred + float(vp.sigma(t)) * z_img_in
         return txt_pred, img_pred
 
     # the continuous latents this run integrates: image and/or gaussian text

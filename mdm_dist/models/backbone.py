@@ -8,6 +8,8 @@ every element projected to ``d_model``:
 - category token: a learned embedding of ``num_categories + 1`` entries (the last one is the
   null class of classifier-free guidance);
 - text / image latents (width ``d_z``): a linear projection plus a learned position embedding;
+  with ``self_condition`` the image tokens also add a zero-initialized projection of an estimate
+  of the clean image latents (``img_sc``: the model's own earlier prediction, or zeros);
 - sep, lateral row pads (optional, DiM) and tail pads: learned tokens.
 
 ``n_layers`` pre-norm residual Mamba blocks, each a *scan switch*: the block's mixers scan the
@@ -131,6 +133,7 @@ class MDMBackbone(nn.Module):
         self.category = nn.Embedding(cfg.num_categories + 1, d, **kw)
         self.txt_in = nn.Linear(d_z, d, **kw)
         self.img_in = nn.Linear(d_z, d, **kw)
+        self.img_sc_in = nn.Linear(d_z, d, **kw) if cfg.self_condition else None
         self.txt_pos = nn.Parameter(torch.empty(self.layout.text_len, d, **kw))
         self.img_pos = nn.Parameter(torch.empty(grid * grid, d, **kw))
         self.sep = nn.Parameter(torch.empty(d, **kw))
@@ -166,6 +169,9 @@ class MDMBackbone(nn.Module):
         for head in (self.txt_out, self.img_out):  # zero output: the untrained model predicts 0
             nn.init.zeros_(head.weight)
             nn.init.zeros_(head.bias)
+        if self.img_sc_in is not None:  # self-conditioning starts as a no-op
+            nn.init.zeros_(self.img_sc_in.weight)
+            nn.init.zeros_(self.img_sc_in.bias)
 
     def scan_orders(self, device: torch.device) -> dict[str, torch.Tensor]:
         """Permutations per direction name, built once per device (not buffers: meta-safe)."""
@@ -175,7 +181,7 @@ class MDMBackbone(nn.Module):
             self._orders[device] = {n: orders[i] for i, n in enumerate(names)}
         return self._orders[device]
 
-    def embed(self, txt, img, t_txt, t_img, category) -> torch.Tensor:
+    def embed(self, txt, img, t_txt, t_img, category, img_sc=None) -> torch.Tensor:
         """Assemble the ``(B, T, d_model)`` input sequence."""
         b = txt.shape[0]
         lay = self.layout
@@ -188,6 +194,10 @@ class MDMBackbone(nn.Module):
             self.sep.expand(b, 1, -1),
         ]
         x_img = self.img_in(img.to(dtype)) + self.img_pos
+        if self.img_sc_in is not None:  # always applied (zeros without an estimate): one graph for ZeRO
+            x_img = x_img + self.img_sc_in((torch.zeros_like(img) if img_sc is None else img_sc).to(dtype))
+        elif img_sc is not None:
+            raise ValueError("img_sc given to a backbone built without model.self_condition")
         if self.row_pad is not None:
             g = lay.grid_h
             x_img = torch.cat([x_img.view(b, g, lay.grid_w, -1), self.row_pad.expand(b, g, -1).unsqueeze(2)], dim=2)
@@ -198,15 +208,16 @@ class MDMBackbone(nn.Module):
         return torch.cat(parts, dim=1)
 
     def forward(self, txt: torch.Tensor, img: torch.Tensor, t_txt: torch.Tensor, t_img: torch.Tensor,
-                category: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Denoise the joint sequence. Shapes: docs/model.md. Returns ``(txt_out, img_out)``."""
+                category: torch.Tensor, img_sc: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Denoise the joint sequence. Shapes: docs/model.md; ``img_sc`` (like ``img``) the clean
+        image estimate of self-conditioning (None: zeros). Returns ``(txt_out, img_out)``."""
         lay = self.layout
         if txt.shape[1] != lay.text_len or img.shape[1] != lay.grid_h * lay.grid_w:
             raise ValueError(
                 f"expected {lay.text_len} text and {lay.grid_h * lay.grid_w} image latents "
                 f"(vae.max_text_len, vae.image_size), got {txt.shape[1]} and {img.shape[1]}"
             )
-        x = self.embed(txt, img, t_txt, t_img, category)
+        x = self.embed(txt, img, t_txt, t_img, category, img_sc)
         orders = self.scan_orders(x.device)
         skips: list[torch.Tensor] = []
         n_skip = len(self.skip_proj)

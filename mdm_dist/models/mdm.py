@@ -27,8 +27,8 @@ class MDM(nn.Module):
         self.vae = UnifiedVAE(cfg.vae, device=device, dtype=dtype)
         self.backbone = MDMBackbone(cfg.model, cfg.vae, device=device, dtype=dtype)
 
-    def forward(self, txt, img, t_txt, t_img, category):
-        return self.backbone(txt, img, t_txt, t_img, category)
+    def forward(self, txt, img, t_txt, t_img, category, img_sc=None):
+        return self.backbone(txt, img, t_txt, t_img, category, img_sc=img_sc)
 
     def reset_parameters(self) -> None:
         init_weights(self)

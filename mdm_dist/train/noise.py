@@ -50,6 +50,8 @@ class SampleNoise:
             d["eps_img"] = torch.randn((1, num_image_tokens, dz), generator=g)
             if cfg.diffusion.text_process == "gaussian":
                 d["eps_txt"] = torch.randn((1, L, dz), generator=g)
+            if cfg.model.self_condition:
+                d["sc"] = torch.rand((1,), generator=g)
             rows.append(d)
         return {k: torch.cat([r[k] for r in rows]).to(device) for k in rows[0]}
 

@@ -21,7 +21,7 @@ BASE = [
     "vae.vocab_size=40", "vae.max_text_len=6", "vae.d_z=8",
 ]
 CASES = {
-    "groups_replicated": ["model.ngroups=1"],           # sp % ngroups == 0: B, C all-gathered
+    "groups_replicated": ["model.ngroups=1", "model.self_condition=true"],  # sp % ngroups == 0; + img_sc
     "groups_split_hybrid": ["model.ngroups=2", "model.attention_every=1", "model.attn_heads=4"],  # + Ulysses
 }
 
@@ -30,12 +30,15 @@ def _inputs(cfg, b=2):
     g = torch.Generator().manual_seed(1)
     n_img = (cfg.vae.image_size // (2 ** (len(cfg.vae.channel_mult) - 1) * cfg.vae.patch_size)) ** 2
     f64 = torch.float64
-    return dict(
+    inp = dict(
         txt=torch.randn(b, cfg.vae.max_text_len, cfg.vae.d_z, generator=g, dtype=f64),
         img=torch.randn(b, n_img, cfg.vae.d_z, generator=g, dtype=f64),
         t_txt=torch.rand(b, generator=g, dtype=f64), t_img=torch.rand(b, generator=g, dtype=f64),
         category=torch.randint(0, cfg.model.num_categories + 1, (b,), generator=g),
     )
+    if cfg.model.self_condition:
+        inp["img_sc"] = torch.randn(b, n_img, cfg.vae.d_z, generator=g, dtype=f64)
+    return inp
 
 
 def _loss_and_grads(model, inp):
@@ -53,8 +56,9 @@ def _sp_worker(rank, world, case):
     cfg = load_config(None, BASE + CASES[case])
     model = build_model(cfg, dtype=torch.float64)
     with torch.no_grad():  # zero-initialized heads would block every upstream gradient
-        for head in (model.backbone.txt_out, model.backbone.img_out):
-            head.weight.normal_(std=0.1)
+        for head in (model.backbone.txt_out, model.backbone.img_out, model.backbone.img_sc_in):
+            if head is not None:  # (img_sc_in: self-conditioning's input, zero-initialized too)
+                head.weight.normal_(std=0.1)
     inp = _inputs(cfg)
     ref_txt, ref_img, ref_grads = _loss_and_grads(model, inp)
 

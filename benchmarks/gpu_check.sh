@@ -38,7 +38,8 @@ T0=$SECONDS
 # Triton compiles each kernel specialization once per machine (~10-20 s apiece on a lent H100/H200
 # node, single-threaded), so phase 1 runs the GPU tests and fills the Triton cache for the benchmark's
 # rows in parallel processes; phase 2 then times them one at a time on a quiet GPU.
-TUNES="bwd_parallel=0 bwd_nblock=64 bwd_nblock=32 bwd_nblock=64,bwd_warps=4"
+# (the blocked backward's settings: the fewest register spills, benchmarks/kernel_resources.py)
+TUNES="bwd_chunk=32,bwd_nblock=32 bwd_nblock=16 bwd_chunk=32,bwd_nblock=64 bwd_parallel=0"
 SCAN="$PY benchmarks/scan_throughput.py --device cuda"
 # 1. GPU tests (pytest-xdist where installed) beside the compile-only warm-up processes (< 150 s)
 XDIST=""; $PY -c 'import xdist' 2>/dev/null && XDIST="-n 4"

@@ -109,11 +109,11 @@ def rows(args) -> list[tuple[str, object, dict, int, int | None]]:
                 wide(), None))
     for BQ in (64, 32):
         out.append((f"bwd parallel: grads, chunk {BQ}", tp._par_grad_kernel,
-                    dict(opts, BQ=BQ, BP=BP, BN=BN, PER_HEAD_DBC=False), wide(), None))
+                    dict(opts, BQ=BQ, BP=BP, BN=BN, PER_HEAD_DBC=False, BLOCKED=False), wide(), None))
     for BQ, NB in ((64, 64), (64, 32), (64, 16), (32, 64), (32, 32)):
         if NB < BN:
-            out.append((f"bwd parallel: blocked grads, chunk {BQ}, bwd_nblock {NB}", tp._par_grad_nb_kernel,
-                        dict(opts, BQ=BQ, BP=BP, BN=NB, PER_HEAD_DBC=False), wide(), None))
+            out.append((f"bwd parallel: blocked grads, chunk {BQ}, bwd_nblock {NB}", tp._par_grad_kernel,
+                        dict(opts, BQ=BQ, BP=BP, BN=NB, PER_HEAD_DBC=False, BLOCKED=True), wide(), None))
     return out
 
 

@@ -128,6 +128,22 @@ def _chunk_grads(x, Bm, Cm, dtv, dt_raw, acs, seg, valid, Hc, G, dy, zv, Dv, A_h
 
 
 @triton.jit
+def _store_dbc(dB_ptr, dC_ptr, dB, dC, k, b, pos, valid, row, n0, dstate, s_gk, s_gb, s_gl, s_gh, s_gn,
+               BN: tl.constexpr, PER_HEAD_DBC: tl.constexpr):
+    """Write one chunk's dB, dC (Q, BN; dstate columns n0 ..) to their buffer rows: stored where the
+    row is this program's own (PER_HEAD_DBC), else added with atomics (heads sharing a group)."""
+    offs_n = n0 + tl.arange(0, BN)
+    nmask = valid[:, None] & (offs_n < dstate)[None, :]
+    off_g = k * s_gk + b * s_gb + pos[:, None] * s_gl + row * s_gh + offs_n[None, :] * s_gn
+    if PER_HEAD_DBC:
+        tl.store(dB_ptr + off_g, dB, mask=nmask)
+        tl.store(dC_ptr + off_g, dC, mask=nmask)
+    else:
+        tl.atomic_add(dB_ptr + off_g, dB, mask=nmask)
+        tl.atomic_add(dC_ptr + off_g, dC, mask=nmask)
+
+
+@triton.jit
 def _ssd_bwd_kernel(
     x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, seq_ptr, order_ptr,
     states_ptr, dy_ptr, dfinal_ptr,
@@ -214,14 +230,8 @@ def _ssd_bwd_kernel(
         tl.store(dx_ptr + k * s_yk + b * s_yb + pos[:, None] * s_yl + h * s_yh + offs_p[None, :] * s_yp,
                  dx.to(dx_ptr.dtype.element_ty), mask=omask)
         tl.store(ddt_ptr + j * s_tj + k * s_tk + b * s_tb + pos * s_tl + h * s_th, ddt, mask=valid)
-        nmask = valid[:, None] & mn[None, :]
-        off_g = k * s_gk + b * s_gb + pos[:, None] * s_gl + hb * s_gh + offs_n[None, :] * s_gn
-        if PER_HEAD_DBC:
-            tl.store(dB_ptr + off_g, dB, mask=nmask)
-            tl.store(dC_ptr + off_g, dC, mask=nmask)
-        else:
-            tl.atomic_add(dB_ptr + off_g, dB, mask=nmask)
-            tl.atomic_add(dC_ptr + off_g, dC, mask=nmask)
+        _store_dbc(dB_ptr, dC_ptr, dB, dC, k, b, pos, valid, hb, 0, dstate, s_gk, s_gb, s_gl, s_gh, s_gn, BN,
+                   PER_HEAD_DBC)
 
     tl.store(dinit_ptr + prog_kbh.to(tl.int64) * headdim * dstate + offs_p[:, None] * dstate + offs_n[None, :],
              G, mask=state_mask)

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.ssd.triton_bwd import _chunk_grads, _chunk_grads_core, finish_grads, grad_buffers
+from kernels.ssd.triton_bwd import _chunk_grads, _chunk_grads_core, _store_dbc, finish_grads, grad_buffers
 from kernels.ssd.triton_fwd import (_apply_D_z, _block, _chunk_state, _chunk_y, _head_params, _load_bc, _load_chunk,
                                     _load_rows, _prec, _strides, chunk_block, headdim_block, tuning)
 
@@ -203,6 +203,35 @@ def _par_dstate_kernel(
 
 
 @triton.jit
+def _state_block(buf_ptr, base, offs_p, mp, n0, dstate, BN: tl.constexpr):
+    """Columns n0 .. n0+BN-1 of one chunk's (headdim, dstate) float32 state in a buffer."""
+    offs_n = n0 + tl.arange(0, BN)
+    return tl.load(buf_ptr + base + offs_p[:, None] * dstate + offs_n[None, :],
+                   mask=mp[:, None] & (offs_n < dstate)[None, :], other=0.0)
+
+
+@triton.jit
+def _load_dy_z(dy_ptr, z_ptr, out, k, b, h, pos, offs_p, omask, s_zk, s_zb, s_zl, s_zh, s_zp, HAS_Z: tl.constexpr):
+    """dLoss/dy of one chunk's rows (``out``: their offsets in y's layout) and the gate z (dy without)."""
+    dy = tl.load(dy_ptr + out, mask=omask, other=0.0).to(tl.float32)
+    zv = dy
+    if HAS_Z:
+        zv = tl.load(z_ptr + k * s_zk + b * s_zb + pos[:, None] * s_zl + h * s_zh + offs_p[None, :] * s_zp,
+                     mask=omask, other=0.0).to(tl.float32)
+    return dy, zv
+
+
+@triton.jit
+def _store_rows(dx_ptr, dz_ptr, ddt_ptr, dx, dz, ddt, out, omask, valid, j, k, b, pos, h,
+                s_tj, s_tk, s_tb, s_tl, s_th, HAS_Z: tl.constexpr):
+    """Write one chunk's dx, dz (at y's offsets ``out``) and its headdim block's ddt partial sum."""
+    if HAS_Z:
+        tl.store(dz_ptr + out, dz.to(dz_ptr.dtype.element_ty), mask=omask)
+    tl.store(dx_ptr + out, dx.to(dx_ptr.dtype.element_ty), mask=omask)
+    tl.store(ddt_ptr + j * s_tj + k * s_tk + b * s_tb + pos * s_tl + h * s_th, ddt, mask=valid)
+
+
+@triton.jit
 def _par_grad_kernel(
     x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, seq_ptr, order_ptr,
     states_ptr, G_ptr, dy_ptr,
@@ -216,82 +245,14 @@ def _par_grad_kernel(
     BQ: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
     HAS_D: tl.constexpr, D_HDIM: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
     SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_ORDER: tl.constexpr,
-    PER_HEAD_DBC: tl.constexpr, PREC: tl.constexpr,
+    PER_HEAD_DBC: tl.constexpr, PREC: tl.constexpr, BLOCKED: tl.constexpr,
 ):
-    (pid, c, k, b, h, j, kbh, offs_p, mp, A_h, bias_h, Dv,
-     pos, valid, dt_raw, dtv, acs, x, Bm, Cm, seg) = _par_chunk(
-        x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, seq_ptr, order_ptr,
-        L, nheads, rep, headdim, dstate, npb,
-        s_xk, s_xb, s_xl, s_xh, s_xp, s_dk, s_db, s_dl, s_dh, s_ak, s_ah,
-        s_bk, s_bb, s_bl, s_bg, s_bn, s_ck, s_cb, s_cl, s_cg, s_cn, s_Dk, s_Dh, s_Dp, s_biask, s_biash,
-        s_sk, s_sb, s_sl, s_ok, s_ol, BQ, BP, BN, HAS_D, D_HDIM, HAS_BIAS, SOFTPLUS, HAS_SEQ, HAS_ORDER)
-    offs_q = tl.arange(0, BQ)
-    offs_n = tl.arange(0, BN)
-    mn = offs_n < dstate
-    tile = (kbh * nchunks + c) * headdim * dstate + offs_p[:, None] * dstate + offs_n[None, :]
-    state_mask = mp[:, None] & mn[None, :]
-    Hc = tl.load(states_ptr + tile, mask=state_mask, other=0.0)
-    G = tl.load(G_ptr + tile, mask=state_mask, other=0.0)
-    omask = valid[:, None] & mp[None, :]
-    dy = tl.load(dy_ptr + k * s_yk + b * s_yb + pos[:, None] * s_yl + h * s_yh + offs_p[None, :] * s_yp,
-                 mask=omask, other=0.0).to(tl.float32)
-    zv = dy
-    if HAS_Z:
-        zv = tl.load(z_ptr + k * s_zk + b * s_zb + pos[:, None] * s_zl + h * s_zh + offs_p[None, :] * s_zp,
-                     mask=omask, other=0.0).to(tl.float32)
-    causal = offs_q[:, None] >= offs_q[None, :]
-    dx, dz, ddt, dB, dC, _, _, dA_c, dbias_c, dD_c = _chunk_grads(
-        x, Bm, Cm, dtv, dt_raw, acs, seg, valid, Hc, G, dy, zv, Dv, A_h, bias_h, offs_q, causal,
-        BQ, BP, x_ptr.dtype.element_ty, PREC, HAS_D, D_HDIM, HAS_Z, SOFTPLUS)
-    out = k * s_yk + b * s_yb + pos[:, None] * s_yl + h * s_yh + offs_p[None, :] * s_yp
-    if HAS_Z:
-        tl.store(dz_ptr + out, dz.to(dz_ptr.dtype.element_ty), mask=omask)
-    tl.store(dx_ptr + out, dx.to(dx_ptr.dtype.element_ty), mask=omask)
-    tl.store(ddt_ptr + j * s_tj + k * s_tk + b * s_tb + pos * s_tl + h * s_th, ddt, mask=valid)
-    hb = h * npb + j if PER_HEAD_DBC else h // rep
-    nmask = valid[:, None] & mn[None, :]
-    off_g = k * s_gk + b * s_gb + pos[:, None] * s_gl + hb * s_gh + offs_n[None, :] * s_gn
-    if PER_HEAD_DBC:
-        tl.store(dB_ptr + off_g, dB, mask=nmask)
-        tl.store(dC_ptr + off_g, dC, mask=nmask)
-    else:
-        tl.atomic_add(dB_ptr + off_g, dB, mask=nmask)
-        tl.atomic_add(dC_ptr + off_g, dC, mask=nmask)
-    prog = (k * tl.num_programs(0) + pid) * nchunks + c  # (K, batch, nheads, npb, nchunks)
-    tl.store(dA_ptr + prog, dA_c)
-    tl.store(dbias_ptr + prog, dbias_c)
-    tl.store(dD_ptr + (kbh * nchunks + c) * headdim + offs_p, dD_c, mask=mp)
-
-
-@triton.jit
-def _state_block(buf_ptr, base, offs_p, mp, n0, dstate, BN: tl.constexpr):
-    """Columns n0 .. n0+BN-1 of one chunk's (headdim, dstate) float32 state in a buffer."""
-    offs_n = n0 + tl.arange(0, BN)
-    return tl.load(buf_ptr + base + offs_p[:, None] * dstate + offs_n[None, :],
-                   mask=mp[:, None] & (offs_n < dstate)[None, :], other=0.0)
-
-
-@triton.jit
-def _par_grad_nb_kernel(
-    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, seq_ptr, order_ptr,
-    states_ptr, G_ptr, dy_ptr,
-    dx_ptr, dz_ptr, ddt_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr,
-    L, nheads, rep, headdim, dstate, nchunks, npb,
-    s_xk, s_xb, s_xl, s_xh, s_xp, s_dk, s_db, s_dl, s_dh, s_ak, s_ah,
-    s_bk, s_bb, s_bl, s_bg, s_bn, s_ck, s_cb, s_cl, s_cg, s_cn,
-    s_Dk, s_Dh, s_Dp, s_zk, s_zb, s_zl, s_zh, s_zp, s_biask, s_biash,
-    s_sk, s_sb, s_sl, s_ok, s_ol, s_yk, s_yb, s_yl, s_yh, s_yp,
-    s_gk, s_gb, s_gl, s_gh, s_gn, s_tj, s_tk, s_tb, s_tl, s_th,
-    BQ: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
-    HAS_D: tl.constexpr, D_HDIM: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SOFTPLUS: tl.constexpr, HAS_SEQ: tl.constexpr, HAS_ORDER: tl.constexpr,
-    PER_HEAD_DBC: tl.constexpr, PREC: tl.constexpr,
-):
-    """``_par_grad_kernel`` with dstate in blocks of BN columns (``MDM_SSD_TUNE=bwd_nblock=BN``):
-    the products summed over dstate (C B^T, H_c C, G B, H_c . G) are accumulated block by block,
-    and dB, dC are made and stored block by block (re-reading B, C, H_c and G), so no (headdim,
-    dstate) state or (chunk, dstate) gradient is ever held whole: fewer live registers for a
-    second read of the chunk's B, C and states."""
+    """Every gradient of one chunk from H_c and G_c. BN is dstate's block: the whole of it, or with
+    BLOCKED (``MDM_SSD_TUNE=bwd_nblock=BN``) a block of BN columns at a time: the products summed
+    over dstate (C B^T, C H_c, B G, H_c . G) are accumulated block by block, then dB and dC are made
+    and stored block by block (re-reading B, C, H_c and G). No (headdim, dstate) state and no
+    (chunk, dstate) gradient is then held whole: fewer registers (far fewer spills,
+    ``benchmarks/kernel_resources.py``) for a second read of the chunk's B, C and states."""
     pid, c, k, b, h, j, p0, kbh = _program_ids(nheads, npb, BP)
     offs_q = tl.arange(0, BQ)
     offs_p = p0 + tl.arange(0, BP)
@@ -305,53 +266,58 @@ def _par_grad_nb_kernel(
         s_xk, s_xb, s_xl, s_xh, s_xp, s_dk, s_db, s_dl, s_dh, s_sk, s_sb, s_sl, s_ok, s_ol,
         headdim, BQ, BP, HAS_BIAS, SOFTPLUS, HAS_SEQ, HAS_ORDER)
     base = (kbh * nchunks + c) * headdim * dstate
-    CB = tl.zeros([BQ, BQ], dtype=tl.float32)
-    CH = tl.zeros([BQ, BP], dtype=tl.float32)
-    BG = tl.zeros([BQ, BP], dtype=tl.float32)
-    HG = tl.zeros([BP], dtype=tl.float32)
-    for n0 in range(0, dstate, BN):
-        Bm, Cm = _load_bc(B_ptr, C_ptr, k, b, g, pos, valid, n0, s_bk, s_bb, s_bl, s_bg, s_bn,
+    hb = h * npb + j if PER_HEAD_DBC else g
+    if BLOCKED:  # (dy and z are loaded after the first loop: fewer live registers across it)
+        CB = tl.zeros([BQ, BQ], dtype=tl.float32)
+        CH = tl.zeros([BQ, BP], dtype=tl.float32)
+        BG = tl.zeros([BQ, BP], dtype=tl.float32)
+        HG = tl.zeros([BP], dtype=tl.float32)
+        for n0 in range(0, dstate, BN):
+            Bm, Cm = _load_bc(B_ptr, C_ptr, k, b, g, pos, valid, n0, s_bk, s_bb, s_bl, s_bg, s_bn,
+                              s_ck, s_cb, s_cl, s_cg, s_cn, dstate, BN, dot_t)
+            Hc = _state_block(states_ptr, base, offs_p, mp, n0, dstate, BN)
+            G = _state_block(G_ptr, base, offs_p, mp, n0, dstate, BN)
+            CB += tl.dot(Cm, tl.trans(Bm), input_precision=PREC)
+            CH += tl.dot(Cm, tl.trans(Hc).to(dot_t), input_precision=PREC)
+            BG += tl.dot(Bm, tl.trans(G.to(dot_t)), input_precision=PREC)
+            HG += tl.sum(Hc * G, axis=1)
+        omask = valid[:, None] & mp[None, :]
+        out = k * s_yk + b * s_yb + pos[:, None] * s_yl + h * s_yh + offs_p[None, :] * s_yp
+        causal = offs_q[:, None] >= offs_q[None, :]
+        dy, zv = _load_dy_z(dy_ptr, z_ptr, out, k, b, h, pos, offs_p, omask, s_zk, s_zb, s_zl, s_zh, s_zp, HAS_Z)
+        dx, dz, ddt, dCB, gy, e, w, _, dA_c, dbias_c, dD_c = _chunk_grads_core(
+            CB, CH, BG, tl.sum(HG, axis=0), x, dtv, dt_raw, acs, seg, valid, dy, zv, Dv, A_h, bias_h, offs_q,
+            causal, BQ, BP, dot_t, PREC, HAS_D, D_HDIM, HAS_Z, SOFTPLUS)
+        _store_rows(dx_ptr, dz_ptr, ddt_ptr, dx, dz, ddt, out, omask, valid, j, k, b, pos, h,
+                    s_tj, s_tk, s_tb, s_tl, s_th, HAS_Z)  # before the second loop: they die here
+        gyd = gy.to(dot_t)
+        for n0 in range(0, dstate, BN):
+            Bm, Cm = _load_bc(B_ptr, C_ptr, k, b, g, pos, valid, n0, s_bk, s_bb, s_bl, s_bg, s_bn,
+                              s_ck, s_cb, s_cl, s_cg, s_cn, dstate, BN, dot_t)
+            Hc = _state_block(states_ptr, base, offs_p, mp, n0, dstate, BN)
+            G = _state_block(G_ptr, base, offs_p, mp, n0, dstate, BN)
+            dC = (tl.dot(dCB, Bm, input_precision=PREC)
+                  + tl.dot(gyd, Hc.to(dot_t), input_precision=PREC) * e[:, None])
+            dB = (tl.dot(tl.trans(dCB), Cm, input_precision=PREC)
+                  + tl.dot(x, G.to(dot_t), input_precision=PREC) * w[:, None])
+            _store_dbc(dB_ptr, dC_ptr, dB, dC, k, b, pos, valid, hb, n0, dstate,
+                       s_gk, s_gb, s_gl, s_gh, s_gn, BN, PER_HEAD_DBC)
+    else:
+        Bm, Cm = _load_bc(B_ptr, C_ptr, k, b, g, pos, valid, 0, s_bk, s_bb, s_bl, s_bg, s_bn,
                           s_ck, s_cb, s_cl, s_cg, s_cn, dstate, BN, dot_t)
-        Hc = _state_block(states_ptr, base, offs_p, mp, n0, dstate, BN)
-        G = _state_block(G_ptr, base, offs_p, mp, n0, dstate, BN)
-        CB += tl.dot(Cm, tl.trans(Bm), input_precision=PREC)
-        CH += tl.dot(Cm, tl.trans(Hc).to(dot_t), input_precision=PREC)
-        BG += tl.dot(Bm, tl.trans(G.to(dot_t)), input_precision=PREC)
-        HG += tl.sum(Hc * G, axis=1)
-    omask = valid[:, None] & mp[None, :]
-    out = k * s_yk + b * s_yb + pos[:, None] * s_yl + h * s_yh + offs_p[None, :] * s_yp
-    dy = tl.load(dy_ptr + out, mask=omask, other=0.0).to(tl.float32)
-    zv = dy
-    if HAS_Z:
-        zv = tl.load(z_ptr + k * s_zk + b * s_zb + pos[:, None] * s_zl + h * s_zh + offs_p[None, :] * s_zp,
-                     mask=omask, other=0.0).to(tl.float32)
-    causal = offs_q[:, None] >= offs_q[None, :]
-    dx, dz, ddt, dCB, gy, e, w, _, dA_c, dbias_c, dD_c = _chunk_grads_core(
-        CB, CH, BG, tl.sum(HG, axis=0), x, dtv, dt_raw, acs, seg, valid, dy, zv, Dv, A_h, bias_h, offs_q, causal,
-        BQ, BP, dot_t, PREC, HAS_D, D_HDIM, HAS_Z, SOFTPLUS)
-    if HAS_Z:
-        tl.store(dz_ptr + out, dz.to(dz_ptr.dtype.element_ty), mask=omask)
-    tl.store(dx_ptr + out, dx.to(dx_ptr.dtype.element_ty), mask=omask)
-    tl.store(ddt_ptr + j * s_tj + k * s_tk + b * s_tb + pos * s_tl + h * s_th, ddt, mask=valid)
-    gyd = gy.to(dot_t)
-    hb = h * npb + j if PER_HEAD_DBC else h // rep
-    for n0 in range(0, dstate, BN):
-        Bm, Cm = _load_bc(B_ptr, C_ptr, k, b, g, pos, valid, n0, s_bk, s_bb, s_bl, s_bg, s_bn,
-                          s_ck, s_cb, s_cl, s_cg, s_cn, dstate, BN, dot_t)
-        Hc = _state_block(states_ptr, base, offs_p, mp, n0, dstate, BN)
-        G = _state_block(G_ptr, base, offs_p, mp, n0, dstate, BN)
-        dC = tl.dot(dCB, Bm, input_precision=PREC) + tl.dot(gyd, Hc.to(dot_t), input_precision=PREC) * e[:, None]
-        dB = (tl.dot(tl.trans(dCB), Cm, input_precision=PREC)
-              + tl.dot(x, G.to(dot_t), input_precision=PREC) * w[:, None])
-        offs_n = n0 + tl.arange(0, BN)
-        nmask = valid[:, None] & (offs_n < dstate)[None, :]
-        off_g = k * s_gk + b * s_gb + pos[:, None] * s_gl + hb * s_gh + offs_n[None, :] * s_gn
-        if PER_HEAD_DBC:
-            tl.store(dB_ptr + off_g, dB, mask=nmask)
-            tl.store(dC_ptr + off_g, dC, mask=nmask)
-        else:
-            tl.atomic_add(dB_ptr + off_g, dB, mask=nmask)
-            tl.atomic_add(dC_ptr + off_g, dC, mask=nmask)
+        Hc = _state_block(states_ptr, base, offs_p, mp, 0, dstate, BN)
+        G = _state_block(G_ptr, base, offs_p, mp, 0, dstate, BN)
+        omask = valid[:, None] & mp[None, :]
+        out = k * s_yk + b * s_yb + pos[:, None] * s_yl + h * s_yh + offs_p[None, :] * s_yp
+        causal = offs_q[:, None] >= offs_q[None, :]
+        dy, zv = _load_dy_z(dy_ptr, z_ptr, out, k, b, h, pos, offs_p, omask, s_zk, s_zb, s_zl, s_zh, s_zp, HAS_Z)
+        dx, dz, ddt, dB, dC, _, _, dA_c, dbias_c, dD_c = _chunk_grads(
+            x, Bm, Cm, dtv, dt_raw, acs, seg, valid, Hc, G, dy, zv, Dv, A_h, bias_h, offs_q, causal,
+            BQ, BP, dot_t, PREC, HAS_D, D_HDIM, HAS_Z, SOFTPLUS)
+        _store_rows(dx_ptr, dz_ptr, ddt_ptr, dx, dz, ddt, out, omask, valid, j, k, b, pos, h,
+                    s_tj, s_tk, s_tb, s_tl, s_th, HAS_Z)
+        _store_dbc(dB_ptr, dC_ptr, dB, dC, k, b, pos, valid, hb, 0, dstate,
+                   s_gk, s_gb, s_gl, s_gh, s_gn, BN, PER_HEAD_DBC)
     prog = (k * tl.num_programs(0) + pid) * nchunks + c  # (K, batch, nheads, npb, nchunks)
     tl.store(dA_ptr + prog, dA_c)
     tl.store(dbias_ptr + prog, dbias_c)
@@ -455,9 +421,8 @@ def ssd_bwd_parallel(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, ini
     )
     g = grad_buffers(dy, x, z, ngroups, dstate, npb, nchunks, deterministic)
     _state_pass(G, decay, dfinal, g.dinit, reverse=True)  # G[c] = dLoss/d(state leaving chunk c)
-    nblock = tune.get("bwd_nblock")  # dstate in blocks (``_par_grad_nb_kernel``), else whole
-    grad_kernel = _par_grad_nb_kernel if nblock else _par_grad_kernel
-    grad_kernel[grid](
+    nblock = tune.get("bwd_nblock")  # dstate in blocks (BLOCKED), else whole
+    _par_grad_kernel[grid](
         x, dt, A, B, C, opt(D), opt(z), opt(dt_bias), opt(seq_idx), opt(scan_order), states, G, dy,
         g.dx, opt(g.dz), g.ddt, g.dB, g.dC, g.dA, g.dD, g.dbias,
         L, nheads, rep, headdim, dstate, nchunks, npb,
@@ -468,7 +433,8 @@ def ssd_bwd_parallel(dy, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, ini
         BQ=BQ, BP=BP, BN=min(nblock, _block(dstate)) if nblock else _block(dstate),
         HAS_D=D is not None, D_HDIM=D is not None and D.dim() == 3, HAS_Z=z is not None,
         HAS_BIAS=dt_bias is not None, SOFTPLUS=bool(dt_softplus), HAS_SEQ=seq_idx is not None,
-        HAS_ORDER=scan_order is not None, PER_HEAD_DBC=g.per_head, PREC=prec, num_warps=warps,
+        HAS_ORDER=scan_order is not None, PER_HEAD_DBC=g.per_head, PREC=prec, BLOCKED=bool(nblock),
+        num_warps=warps,
     )
     del states, G
     return finish_grads(g, dt, A, B, C, D, dt_bias, initial_states)

@@ -38,8 +38,9 @@ T0=$SECONDS
 # Triton compiles each kernel specialization once per machine (~10-20 s apiece on a lent H100/H200
 # node, single-threaded), so phase 1 runs the GPU tests and fills the Triton cache for the benchmark's
 # rows in parallel processes; phase 2 then times them one at a time on a quiet GPU.
-# (the blocked backward's settings: the fewest register spills, benchmarks/kernel_resources.py)
-TUNES="bwd_chunk=32,bwd_nblock=32 bwd_nblock=16 bwd_chunk=32,bwd_nblock=64 bwd_parallel=0"
+# (the settings with the fewest register spills, benchmarks/kernel_resources.py: the blocked
+# backward; the forward with 8 warps or chunks of 16; and the sequential backward for reference)
+TUNES="bwd_chunk=32,bwd_nblock=32 bwd_nblock=16 bwd_parallel=0 fwd_warps=8 fwd_chunk=16"
 SCAN="$PY benchmarks/scan_throughput.py --device cuda"
 # 1. GPU tests (pytest-xdist where installed) beside the compile-only warm-up processes (< 150 s)
 XDIST=""; $PY -c 'import xdist' 2>/dev/null && XDIST="-n 4"
@@ -65,7 +66,7 @@ echo "[gpu_check] phase 1 (tests, compiling) done after $((SECONDS - T0)) s"
 #    16K first (the target range), then 4K: the defaults, the launch settings above and mamba-ssm's
 #    kernels with copies; the 4-direction mixers (ours with either scan, mamba-ssm's); then 64K
 #    (results/scan_64k/)
-timeout 160 $SCAN --lengths 16384 4096 --rows auto,tune,mamba --tune $TUNES --tune-lengths 16384 4096 \
+timeout 180 $SCAN --lengths 16384 4096 --rows auto,tune,mamba --tune $TUNES --tune-lengths 16384 4096 \
   --mixer-tune "" bwd_parallel=0 2>&1 | tee "benchmarks/results/scan_throughput_$DEV.log" || status=1
 timeout 70 $SCAN --lengths 65536 --rows auto,tune,mamba --tune $TUNES --tune-lengths 65536 --no-mixer \
   --out benchmarks/results/scan_64k 2>&1 | tee "benchmarks/results/scan_throughput_64k_$DEV.log" || status=1

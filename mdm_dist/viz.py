@@ -1,4 +1,4 @@
-"""PNG outputs people would rather see than read: image grids and loss curves."""
+"""PNG outputs people would rather see than read: image grids, loss curves and line plots."""
 
 from __future__ import annotations
 
@@ -51,6 +51,24 @@ def loss_curves(history: dict[str, list[float]], path: str | Path, smooth: int =
         ax.set_xlabel("step", fontsize=8)
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
+def line_plot(series: dict[str, tuple[list[float], list[float]]], path: str | Path, xlabel: str = "",
+              ylabel: str = "", title: str | None = None) -> Path:
+    """Save one line (with markers) per named series of (x, y) points as a PNG."""
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    for name, (xs, ys) in series.items():
+        ax.plot(xs, ys, marker="o", lw=1.5, label=name)
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -4,8 +4,10 @@ Backends (same function, different speed):
   * ``torch``: chunked block decomposition in plain PyTorch (``chunked.py``); the CPU path.
   * ``reference``: a sequential loop over positions (``reference.py``); the ground truth.
   * ``triton``: fused Triton kernels, forward and backward (``triton_fwd.py``, ``triton_bwd.py``,
-    autograd in ``triton_scan.py``); CUDA tensors, or CPU under ``TRITON_INTERPRET=1``. Chunks in
-    sequence by default; ``MDM_SSD_TUNE=parallel=1`` runs them in parallel (``triton_par.py``).
+    autograd in ``triton_scan.py``); CUDA tensors, or CPU under ``TRITON_INTERPRET=1``. Two
+    algorithms: chunks in sequence, or in parallel (``triton_par.py``); on CUDA the forward runs
+    them in sequence and the backward in parallel (``triton_fwd.launch_settings``, measured), on
+    CPU both in sequence; ``MDM_SSD_TUNE`` (``fwd_parallel``, ``bwd_parallel``, ...) overrides.
   * ``auto``: ``triton`` for CUDA tensors of a dtype it supports, ``torch`` otherwise.
 
 :func:`ssd_scan_multi` runs K directions (each with its own inputs and scan order) at once: one

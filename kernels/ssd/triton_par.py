@@ -17,11 +17,13 @@ backward  1-2. as above: H_c for every chunk
                                     dH_c = sum_l e_l outer(g_l, C_l)
           4. ``_par_pass_kernel``   reversed: replaces dH_c by G_c = dLoss/d(state leaving chunk c);
                                     G_{c-1} = decay_c G_c + dH_c, ending in d(initial states)
-          5. ``_par_grad_kernel``   per chunk: every gradient from H_c and G_c (``_chunk_grads``)
+          5. ``_par_grad_kernel``   per chunk: every gradient from H_c and G_c (``_chunk_grads``),
+                                    optionally with dstate in blocks (``bwd_nblock``: fewer spills)
 
 The per-chunk math is the sequential kernels' own (shared jit helpers), so both compute the same
 function; the buffers cost (K, batch, nheads, nchunks, headdim, dstate) float32. Scan orders are
-gathered on load and scattered on store as there. Chosen with ``MDM_SSD_TUNE=parallel=1``.
+gathered on load and scattered on store as there. On CUDA the backward runs here by default
+(``triton_fwd.launch_settings``); ``MDM_SSD_TUNE=fwd_parallel=1`` / ``parallel=1`` for the forward.
 """
 
 from __future__ import annotations

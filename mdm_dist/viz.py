@@ -12,6 +12,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 
+def _save(fig, path: str | Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
 def image_grid(images: torch.Tensor, path: str | Path, ncol: int = 8, labels: list[str] | None = None,
                title: str | None = None) -> Path:
     """Save ``images`` (B, 3, H, W) in [-1, 1] as a grid PNG, with an optional label per image."""
@@ -27,10 +34,7 @@ def image_grid(images: torch.Tensor, path: str | Path, ncol: int = 8, labels: li
                 ax.set_title(labels[i], fontsize=6)
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def loss_curves(history: dict[str, list[float]], path: str | Path, smooth: int = 10) -> Path:
@@ -51,10 +55,7 @@ def loss_curves(history: dict[str, list[float]], path: str | Path, smooth: int =
         ax.set_xlabel("step", fontsize=8)
     for ax in list(axes.flat)[len(keys):]:
         ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)
 
 
 def line_plot(series: dict[str, tuple[list[float], list[float]]], path: str | Path, xlabel: str = "",
@@ -69,7 +70,4 @@ def line_plot(series: dict[str, tuple[list[float], list[float]]], path: str | Pa
     ax.legend(fontsize=8)
     if title:
         ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return _save(fig, path)

@@ -325,13 +325,6 @@ def launch_settings(tune: dict[str, int], device: torch.device) -> dict[str, int
         out.setdefault("fwd_warps", 4)
     out.setdefault("bwd_parallel", int(on_gpu))
     return out
-    out.setdefault("fwd_parallel", 0)
-    if not out["fwd_parallel"]:
-        out.setdefault("fwd_chunk", 32)
-        out.setdefault("fwd_warps", 4)
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    out.setdefault("bwd_parallel", int(2 * programs <= sms))
-    return out
 
 
 def chunk_block(chunk_size: int, forced: int | None = None) -> int:

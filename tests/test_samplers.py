@@ -186,6 +186,30 @@ def test_dpm2_is_second_order_and_beats_euler(schedule, steps):
     assert err["dpm2", steps] / err["dpm2", 2 * steps] > 3.3
 
 
+def test_t2i_from_given_latents_follows_the_exact_flow_from_t_start():
+    """SDEdit (t_start < 1): the given latents are noised to t_start with the first draw, and the
+    solver follows the Gaussian's exact flow from there (its invariant xi, as in exact_flow)."""
+    m, s, t0 = 0.7, 0.5, 0.6
+    cfg, vp, model = gaussian_setup("cosine", m, s)
+    b = 64
+    start = torch.randn((b, N, DZ), generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    eps = torch.randn((b, N, DZ), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    a0, s0 = float(vp.alpha_bar(t0)), float(vp.sigma2(t0))
+    xi = (a0**0.5 * start + s0**0.5 * eps - a0**0.5 * m) / (a0 * s**2 + s0) ** 0.5
+    a, s2 = float(vp.alpha_bar(cfg.diffusion.t_eps)), float(vp.sigma2(cfg.diffusion.t_eps))
+    exact = a**0.5 * m + (a * s**2 + s2) ** 0.5 * xi
+    z = t2i(model, b, 40, "dpm2", img_latents=start, t_start=t0)["img_latents"]
+    assert float((z - exact).abs().max()) < 2e-3
+    far = t2i(model, b, 40, "dpm2")["img_latents"]  # from pure noise: another end point
+    assert float((far - exact).abs().max()) > 0.1
+    for kw, msg in ((dict(t_start=0.5), "img_latents"), (dict(img_latents=start, t_start=0.0), "t_start must lie"),
+                    (dict(img_latents=start[:, :2], t_start=0.5), "img_latents must have shape")):
+        with pytest.raises(ValueError, match=msg):
+            t2i(model, b, 4, "ddim", **kw)
+    with pytest.raises(ValueError, match="mode='t2i'"):
+        sample(model, "joint", batch_size=b, steps=4, t_start=0.5)
+
+
 # ----------------------------------------------------------------------------------------------
 # Absorbing text sampler
 # ----------------------------------------------------------------------------------------------

@@ -368,6 +368,7 @@ def mdm_loss(
         z_txt = torch.where(is_t2i[:, None, None], z0_txt, z_txt)
         z_txt = torch.where(drop_txt[:, None, None], eps_txt, z_txt)
 
+    sc_kw = {}
     if cfg.model.self_condition:
         # half the samples whose image is generated see the model's own clean-image estimate from
         # a first, no-grad call (detached, as in Chen et al. 2022); the others, and every given
@@ -376,11 +377,9 @@ def mdm_loss(
             _, img_first = backbone(z_txt, z_img, t_txt, t_img, category)
         x0_est = image_x0_estimate(img_first.float(), z_img.float(), t_img, vp, d.image_prediction)
         u_sc = fixed["sc"].to(device) if "sc" in fixed else _uniform((b,), generator, device)
-        use_sc = (u_sc < 0.5) & img_active & ~drop_img
-        img_sc = torch.where(use_sc[:, None, None], x0_est, torch.zeros_like(x0_est)).to(z_img.dtype)
-        txt_out, img_out = backbone(z_txt, z_img, t_txt, t_img, category, img_sc=img_sc)
-    else:
-        txt_out, img_out = backbone(z_txt, z_img, t_txt, t_img, category)
+        use_sc = (u_sc < 0.5) & img_active
+        sc_kw["img_sc"] = torch.where(use_sc[:, None, None], x0_est, torch.zeros_like(x0_est)).to(z_img.dtype)
+    txt_out, img_out = backbone(z_txt, z_img, t_txt, t_img, category, **sc_kw)
 
     # -- text diffusion term -----------------------------------------------------------------
     if d.text_process == "absorbing":

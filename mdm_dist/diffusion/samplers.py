@@ -135,6 +135,7 @@ def sample(
     guidance_scale: float | None = None,
     generator: torch.Generator | None = None,
     text_temperature: float | None = None,
+    t_start: float = 1.0,
 ) -> dict[str, torch.Tensor]:
     """Generate with an MDM (``.vae``, ``.backbone``, ``.cfg``).
 
@@ -149,6 +150,9 @@ def sample(
         generator: a torch.Generator on the model's device for reproducible samples.
         text_temperature: absorbing text's sampling temperature (module doc); default
             ``cfg.diffusion.text_temperature``.
+        t_start: ``t2i`` only: below 1, start from ``img_latents`` (B, N, d_z) noised to
+            t_start (z = sqrt(abar) img_latents + sigma eps) and solve from there (SDEdit, Meng
+            et al. 2022: how much of a given image the caption keeps at each noise level).
 
     Returns:
         dict with ``images`` (B, 3, H, W) clamped to [-1, 1], ``ids`` (B, L) long (never MASK),
@@ -175,17 +179,22 @@ def sample(
         raise ValueError("sample(mode='t2i') needs ids (B, L): the text condition")
     if mode == "i2t" and images is None and img_latents is None:
         raise ValueError("sample(mode='i2t') needs images (B, 3, H, W) or img_latents (B, N, d_z)")
+    if not d.t_eps < t_start <= 1.0:
+        raise ValueError(f"t_start must lie in (diffusion.t_eps = {d.t_eps}, 1], got {t_start}")
+    if t_start < 1.0 and (mode != "t2i" or img_latents is None):
+        raise ValueError("t_start < 1 starts text-to-image from given latents: mode='t2i' with img_latents (B, N, d_z)")
 
     was_training = model.training
     model.eval()
     try:
         return _sample(model, TASKS.index(mode), batch_size, ids, images, img_latents, category,
-                       steps, sampler, w, generator, temp)
+                       steps, sampler, w, generator, temp, t_start)
     finally:
         model.train(was_training)
 
 
-def _sample(model, mode, batch_size, ids, images, img_latents, category, steps, sampler, w, gen, temp=1.0):
+def _sample(model, mode, batch_size, ids, images, img_latents, category, steps, sampler, w, gen, temp=1.0,
+            t_start=1.0):
     cfg = model.cfg
     d, v = cfg.diffusion, cfg.vae
     vae, backbone = model.vae, model.backbone
@@ -227,6 +236,11 @@ def _sample(model, mode, batch_size, ids, images, img_latents, category, steps, 
     # -- initial states and conditions (random draws in a fixed order) ------------------------
     if gen_img:
         z_img = randn(b, N, dz)
+        if t_start < 1.0:  # SDEdit: the given latents noised to t_start
+            start = img_latents.to(device=device, dtype=dtype)
+            if start.shape != z_img.shape:
+                raise ValueError(f"img_latents must have shape {tuple(z_img.shape)}, got {tuple(start.shape)}")
+            z_img = float(vp.alpha_bar(t_start)) ** 0.5 * start + float(vp.sigma(t_start)) * z_img
     else:
         if img_latents is None:
             img_latents = vae.sample(*vae.encode_image(images.to(device)), gen)
@@ -265,7 +279,7 @@ def _sample(model, mode, batch_size, ids, images, img_latents, category, steps, 
         t_img = ones * (t if gen_img else 0.0)
         z_img_in = img
         cat = category
-        img_sc = sc.get("x0")
+        sc_kw = {"img_sc": sc["x0"]} if self_cond else {}
         if use_cfg:
             u_txt_in, ut_txt = (u_txt, ones) if mode == T2I else (txt, t_txt)
             u_img_in, ut_img = (u_img, ones) if mode == I2T else (img, t_img)
@@ -273,11 +287,8 @@ def _sample(model, mode, batch_size, ids, images, img_latents, category, steps, 
             img = torch.cat([img, u_img_in.to(img.dtype)])
             t_txt, t_img = torch.cat([t_txt, ut_txt]), torch.cat([t_img, ut_img])
             cat = torch.cat([category, null])
-            img_sc = None if img_sc is None else torch.cat([img_sc, img_sc])
-        if self_cond:
-            txt_out, img_out = backbone(txt, img, t_txt, t_img, cat, img_sc=img_sc)
-        else:
-            txt_out, img_out = backbone(txt, img, t_txt, t_img, cat)
+            sc_kw = {k: torch.cat([v, v]) for k, v in sc_kw.items()}
+        txt_out, img_out = backbone(txt, img, t_txt, t_img, cat, **sc_kw)
         txt_pred = vae.decode_text(txt_out).float() if absorbing else txt_out.to(dtype)
         if absorbing and d.text_score == "conditional":
             # log p(x0 | x_t): absorbing_step only needs the distribution (log r is one shift per
@@ -297,7 +308,7 @@ def _sample(model, mode, batch_size, ids, images, img_latents, category, steps, 
     def ode_states():
         return [z for z, on in ((z_img, gen_img), (z_txt, gen_txt and not absorbing)) if on]
 
-    ts = torch.linspace(1.0, d.t_eps, steps + 1, dtype=torch.float64).tolist()
+    ts = torch.linspace(t_start, d.t_eps, steps + 1, dtype=torch.float64).tolist()
     for i in range(steps):
         t, s = ts[i], ts[i + 1]
         txt_pred, img_eps = denoise(text_latent(x, z_txt), z_img, t)

@@ -94,6 +94,12 @@ class ModelConfig:
     # zero-initialized projection; mdm_loss makes that estimate with an extra no-grad forward for
     # half the samples, the samplers feed the previous step's estimate
     self_condition: bool = False
+    # Masked image tokens in training (MDT, Gao et al. 2023): `image_mask_prob` of the samples whose
+    # image is generated see each image token replaced, with probability `image_mask_ratio`, by a
+    # learned mask embedding (plus its position embedding); the loss still covers every token, so a
+    # masked token must be inferred from the caption and the visible tokens. Sampling never masks.
+    image_mask_prob: float = 0.0
+    image_mask_ratio: float = 0.5
     # Hybrid: one bidirectional attention block after every `attention_every` Mamba blocks
     attention_every: int = 0  # 0 = pure Mamba (the paper's configs)
     attn_heads: int = 4
@@ -362,6 +368,11 @@ def _check(cfg: Config, where: str) -> None:
         )
     if not 0.0 <= d.p_uncond < 1.0:
         raise ConfigError(f"{where}: 'diffusion.p_uncond' must lie in [0, 1)")
+    if not 0.0 <= m.image_mask_prob <= 1.0:
+        raise ConfigError(f"{where}: 'model.image_mask_prob' = {m.image_mask_prob}; it must lie in [0, 1] "
+                          "(0 = no masked-token training)")
+    if not 0.0 < m.image_mask_ratio < 1.0:
+        raise ConfigError(f"{where}: 'model.image_mask_ratio' = {m.image_mask_ratio}; it must lie in (0, 1)")
     for key in ("image_time_power", "text_time_power"):
         k = getattr(d, key)
         if not (k > 0.0 and math.isfinite(k)):

@@ -56,3 +56,15 @@ def test_ratio_is_one_when_the_condition_is_ignored_and_not_when_read():
     assert read["i2t"]["true"] == pytest.approx(sum(ref) / 2, rel=1e-6)
     with pytest.raises(ValueError, match="at least 2"):
         condition_reliance(model, cfg, {k: v[:1] for k, v in batch.items()})
+
+
+def test_reliance_never_masks_image_tokens():
+    """With model.image_mask_prob = 1 (every generated image masked in training), the probe still
+    runs the backbone with every image token visible: the model as the samplers use it."""
+    from test_objectives import CallLog
+
+    cfg, model = tiny("model.image_mask_prob=1.0", "model.image_mask_ratio=0.9")
+    model.backbone = CallLog(model.backbone)
+    condition_reliance(model, cfg, make_batch(cfg, pixels=False))
+    keeps = [call[4] for call in model.backbone.calls]
+    assert keeps and all(k is not None and bool(k.all()) for k in keeps)

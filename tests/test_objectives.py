@@ -401,9 +401,9 @@ class CallLog(nn.Module):
         self.inner = inner
         self.calls = []
 
-    def forward(self, *args, img_sc=None):
-        out = self.inner(*args, img_sc=img_sc)
-        self.calls.append((args, img_sc, out, torch.is_grad_enabled()))
+    def forward(self, *args, img_sc=None, img_keep=None):
+        out = self.inner(*args, img_sc=img_sc, img_keep=img_keep)
+        self.calls.append((args, img_sc, out, torch.is_grad_enabled(), img_keep))
         return out
 
 
@@ -419,7 +419,7 @@ def test_self_conditioning_feeds_the_models_own_estimate(prediction):
     batch = make_batch(cfg, pixels=False)
     sc = torch.tensor([0.1, 0.9, 0.2, 0.3, 0.7, 0.4])  # tasks joint t2i i2t joint t2i i2t
     out = loss_of(model, batch, cfg, fixed={**ALL, "sc": sc})
-    (args1, sc1, (_, img1), grad1), (args2, sc2, _, grad2) = model.backbone.calls
+    (args1, sc1, (_, img1), grad1, _), (args2, sc2, _, grad2, _) = model.backbone.calls
     assert sc1 is None and not grad1 and grad2
     for a, b in zip(args1, args2):
         assert torch.equal(a, b)
@@ -451,3 +451,94 @@ def test_self_conditioning_starts_as_a_no_op():
     with pytest.raises(ValueError, match="self_condition"):
         plain.backbone(torch.zeros(1, 6, 8), torch.zeros(1, 16, 8), torch.zeros(1), torch.zeros(1),
                        torch.zeros(1, dtype=torch.long), img_sc=torch.zeros(1, 16, 8))
+
+
+# ----------------------------------------------------------------------------------------------
+# Masked image tokens (model.image_mask_prob, MDT)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_image_masking_hides_exactly_the_drawn_tokens_of_generated_images():
+    """img_keep is False exactly where the sample's image is generated, its img_mask draw is below
+    image_mask_prob and its token's draw below image_mask_ratio; the self-conditioning call sees
+    the same mask; the loss still covers every token (a hand-made v-MSE over all of them)."""
+    cfg, model = tiny("model.image_mask_prob=0.6", "model.image_mask_ratio=0.25", "model.self_condition=true",
+                      "diffusion.image_prediction=v", "diffusion.image_weighting=v")
+    model.backbone = CallLog(model.backbone)
+    batch = make_batch(cfg, pixels=False)
+    n = batch["img_mu"].shape[1]
+    g = torch.Generator().manual_seed(4)
+    u_m = torch.tensor([0.1, 0.5, 0.0, 0.7, 0.59, 0.3])  # tasks joint t2i i2t joint t2i i2t
+    u_tok = torch.rand(B, n, generator=g)
+    eps = torch.randn(B, n, cfg.vae.d_z, generator=g)
+    t_img = torch.full((B,), 0.6)
+    out = loss_of(model, batch, cfg, fixed={**ALL, "img_mask": u_m, "img_mask_tokens": u_tok, "eps_img": eps,
+                                           "t_img": t_img, "drop": torch.zeros(B, dtype=torch.bool)})
+    (_, _, _, _, keep1), (args2, _, (_, img_out), _, keep2) = model.backbone.calls
+    masked_sample = torch.tensor([True, True, False, False, True, False])
+    expect = ~(masked_sample[:, None] & (u_tok < 0.25))
+    assert torch.equal(keep1, expect) and torch.equal(keep2, expect)
+    assert (~expect).sum() > 0
+    # the image term: v-MSE over every token of the generated images (joint, t2i), masked or not
+    vp = from_config(cfg.diffusion).vp
+    z0 = batch["img_mu"]  # logvar -4: the VAE's sample differs; recover z0 from z_t instead
+    z_t = args2[1].float()
+    a, s_ = vp.alpha_bar(t_img.double()).sqrt().float()[:, None, None], vp.sigma(t_img.double()).float()[:, None, None]
+    z0 = (z_t - s_ * eps) / a
+    v = a * eps - s_ * z0
+    per = (img_out.float() - v).square().mean(dim=(1, 2))
+    active = torch.tensor([True, True, False, True, True, False])
+    torch.testing.assert_close(out["se_img"], per[active].mean(), rtol=1e-5, atol=1e-6)
+
+
+def test_hidden_image_tokens_do_not_see_their_latents():
+    """A hidden token's latent cannot reach any output; a visible token's does; all-visible equals
+    no img_keep; img_keep on a backbone without masking is an error naming the config key."""
+    cfg, model = tiny("model.image_mask_prob=0.5")
+    bb = model.backbone
+    g = torch.Generator().manual_seed(0)
+    n = bb.layout.grid_h * bb.layout.grid_w
+    txt, img = torch.randn(2, 6, 8, generator=g), torch.randn(2, n, 8, generator=g)
+    args = (txt, img, torch.rand(2, generator=g), torch.rand(2, generator=g), torch.zeros(2, dtype=torch.long))
+    keep = torch.ones(2, n, dtype=torch.bool)
+    keep[0, 3] = keep[1, 0] = False
+    with torch.no_grad():
+        base = bb(*args, img_keep=keep)
+        img2 = img.clone()
+        img2[0, 3] += 5.0
+        img2[1, 0] -= 5.0
+        hidden_changed = bb(txt, img2, *args[2:], img_keep=keep)
+        img3 = img.clone()
+        img3[0, 4] += 5.0
+        visible_changed = bb(txt, img3, *args[2:], img_keep=keep)
+        for a, b in zip(base, hidden_changed):
+            assert torch.equal(a, b)
+        assert not torch.allclose(base[1], visible_changed[1])
+        for a, b in zip(bb(*args), bb(*args, img_keep=torch.ones_like(keep))):
+            assert torch.equal(a, b)
+    _, plain = tiny()
+    with pytest.raises(ValueError, match="image_mask_prob"):
+        plain.backbone(*args, img_keep=keep)
+
+
+def test_image_masking_off_draws_nothing_and_trains_the_mask_embedding_when_on():
+    """image_mask_prob = 0 builds no mask embedding and passes no img_keep; > 0 gives the mask
+    embedding a gradient; every masked-token draw comes after the others (same t, eps, tasks)."""
+    cfg0, m0 = tiny()
+    assert m0.backbone.img_mask is None
+    m0.backbone = CallLog(m0.backbone)
+    loss_of(m0, make_batch(cfg0), cfg0)
+    assert m0.backbone.calls[0][4] is None
+    cfg, model = tiny("model.image_mask_prob=1.0", "model.image_mask_ratio=0.5")
+    out = loss_of(model, make_batch(cfg), cfg, fixed=ALL)
+    out["total"].backward()
+    assert model.backbone.img_mask.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("key, value", [("image_mask_prob", -0.1), ("image_mask_prob", 1.5),
+                                        ("image_mask_ratio", 0.0), ("image_mask_ratio", 1.0)])
+def test_image_masking_config_errors(key, value):
+    from mdm_dist.config import ConfigError
+
+    with pytest.raises(ConfigError, match=f"model.{key}"):
+        load_config(None, overrides=[*TINY, f"model.{key}={value}"])

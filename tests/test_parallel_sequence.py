@@ -22,7 +22,8 @@ BASE = [
 ]
 CASES = {
     "groups_replicated": ["model.ngroups=1", "model.self_condition=true"],  # sp % ngroups == 0; + img_sc
-    "groups_split_hybrid": ["model.ngroups=2", "model.attention_every=1", "model.attn_heads=4"],  # + Ulysses
+    "groups_split_hybrid": ["model.ngroups=2", "model.attention_every=1", "model.attn_heads=4",  # + Ulysses
+                            "model.image_mask_prob=0.5"],  # + img_keep
 }
 
 
@@ -38,6 +39,8 @@ def _inputs(cfg, b=2):
     )
     if cfg.model.self_condition:
         inp["img_sc"] = torch.randn(b, n_img, cfg.vae.d_z, generator=g, dtype=f64)
+    if cfg.model.image_mask_prob > 0:
+        inp["img_keep"] = torch.rand(b, n_img, generator=g) > 0.3
     return inp
 
 

@@ -38,6 +38,12 @@ def test_per_sample_noise_independent_of_batch_composition():
     assert d["sc"].shape == (3,) and ((d["sc"] >= 0) & (d["sc"] < 1)).all()
     for k in a:  # drawn after the others: they do not change
         torch.testing.assert_close(a[k], d[k], rtol=0, atol=0)
+    assert "img_mask" not in a and "img_mask_tokens" not in a
+    m_cfg = load_config(None, ["vae.max_text_len=6", "vae.d_z=8", "model.image_mask_prob=0.5"])
+    e = SampleNoise(["x", "y", "z"], seed=0, step=3).fixed(m_cfg, 4, "cpu")  # masked tokens' draws
+    assert e["img_mask"].shape == (3,) and e["img_mask_tokens"].shape == (3, 4)
+    for k in a:
+        torch.testing.assert_close(a[k], e[k], rtol=0, atol=0)
 
 
 def test_ema_update_and_state():

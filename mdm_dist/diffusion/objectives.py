@@ -266,7 +266,10 @@ def mdm_loss(
             to 0), ``mask_noise`` (B, L) uniforms (a token is masked iff mask_noise <
             1 - exp(-sigma)), ``eps_img`` (B, N, d_z), ``eps_txt`` (B, L, d_z) (gaussian text),
             ``sc`` (B,) uniforms (``model.self_condition``: a sample whose image is generated gets
-            the model's own estimate iff sc < 0.5).
+            the model's own estimate iff sc < 0.5), ``img_mask`` (B,) and ``img_mask_tokens``
+            (B, N) uniforms (``model.image_mask_prob`` > 0: a sample whose image is generated is
+            masked iff img_mask < image_mask_prob, and then its token n is hidden iff
+            img_mask_tokens[:, n] < image_mask_ratio).
 
     Per sample:
         * task ~ ``diffusion.task_probs``: ``joint`` (t_txt, t_img in [t_eps, 1] independently,
@@ -368,18 +371,27 @@ def mdm_loss(
         z_txt = torch.where(is_t2i[:, None, None], z0_txt, z_txt)
         z_txt = torch.where(drop_txt[:, None, None], eps_txt, z_txt)
 
-    sc_kw = {}
+    bb_kw = {}
+    if cfg.model.image_mask_prob > 0:
+        # masked latent modelling (MDT): hidden image tokens show the backbone a learned mask
+        # embedding instead of their noisy latent; the loss below still covers every token
+        n_img = z_img.shape[1]
+        u_m = fixed["img_mask"].to(device) if "img_mask" in fixed else _uniform((b,), generator, device)
+        u_tok = (fixed["img_mask_tokens"].to(device) if "img_mask_tokens" in fixed
+                 else _uniform((b, n_img), generator, device))
+        masked = (u_m < cfg.model.image_mask_prob) & img_active
+        bb_kw["img_keep"] = ~(masked[:, None] & (u_tok < cfg.model.image_mask_ratio))
     if cfg.model.self_condition:
         # half the samples whose image is generated see the model's own clean-image estimate from
         # a first, no-grad call (detached, as in Chen et al. 2022); the others, and every given
         # image, see zeros. Every rank makes the extra call every step (collectives stay matched).
         with torch.no_grad():
-            _, img_first = backbone(z_txt, z_img, t_txt, t_img, category)
+            _, img_first = backbone(z_txt, z_img, t_txt, t_img, category, **bb_kw)
         x0_est = image_x0_estimate(img_first.float(), z_img.float(), t_img, vp, d.image_prediction)
         u_sc = fixed["sc"].to(device) if "sc" in fixed else _uniform((b,), generator, device)
         use_sc = (u_sc < 0.5) & img_active
-        sc_kw["img_sc"] = torch.where(use_sc[:, None, None], x0_est, torch.zeros_like(x0_est)).to(z_img.dtype)
-    txt_out, img_out = backbone(z_txt, z_img, t_txt, t_img, category, **sc_kw)
+        bb_kw["img_sc"] = torch.where(use_sc[:, None, None], x0_est, torch.zeros_like(x0_est)).to(z_img.dtype)
+    txt_out, img_out = backbone(z_txt, z_img, t_txt, t_img, category, **bb_kw)
 
     # -- text diffusion term -----------------------------------------------------------------
     if d.text_process == "absorbing":

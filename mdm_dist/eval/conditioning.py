@@ -7,7 +7,8 @@ sample's own image as the condition, once with the images rolled by one sample (
 paired with another sample's image); for ``t2i`` the same with the captions rolled. The ratio
 shuffled / true is 1.00 for a model that ignores its condition and grows as it learns to use it
 (the demo's diagnosis in benchmarks/demo_results.md used this). Times are fixed at
-``--times`` (default 0.3 and 0.7) and the figure is the mean over them.
+``--times`` (default 0.3 and 0.7) and the figure is the mean over them. No image token is
+masked (``model.image_mask_prob``): the model is measured as the samplers use it.
 
 Prints one JSON object: ``{"i2t": {"true": ..., "shuffled": ..., "ratio": ...}, "t2i": {...}}``.
 """
@@ -46,7 +47,8 @@ def condition_reliance(model, cfg, batch: dict, times: tuple[float, ...] = (0.3,
             total = 0.0
             for t in times:
                 fixed = {"task": task, "drop": torch.zeros(b, dtype=torch.bool),
-                         "t_txt": torch.full((b,), t), "t_img": torch.full((b,), t)}
+                         "t_txt": torch.full((b,), t), "t_img": torch.full((b,), t),
+                         "img_mask": torch.ones(b)}  # no masked image tokens: the model as it samples
                 terms = mdm_loss(model, bb, cfg, generator=torch.Generator().manual_seed(seed), fixed=fixed)
                 total += float(terms[term])
             res.append(total / len(times))

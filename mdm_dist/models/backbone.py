@@ -9,7 +9,9 @@ every element projected to ``d_model``:
   null class of classifier-free guidance);
 - text / image latents (width ``d_z``): a linear projection plus a learned position embedding;
   with ``self_condition`` the image tokens also add a zero-initialized projection of an estimate
-  of the clean image latents (``img_sc``: the model's own earlier prediction, or zeros);
+  of the clean image latents (``img_sc``: the model's own earlier prediction, or zeros); with
+  ``image_mask_prob`` > 0, image tokens marked hidden by ``img_keep`` (training only) take a
+  learned mask embedding in place of their latent's projection (MDT's masked latent modelling);
 - sep, lateral row pads (optional, DiM) and tail pads: learned tokens.
 
 ``n_layers`` pre-norm residual Mamba blocks, each a *scan switch*: the block's mixers scan the
@@ -134,6 +136,7 @@ class MDMBackbone(nn.Module):
         self.txt_in = nn.Linear(d_z, d, **kw)
         self.img_in = nn.Linear(d_z, d, **kw)
         self.img_sc_in = nn.Linear(d_z, d, **kw) if cfg.self_condition else None
+        self.img_mask = nn.Parameter(torch.empty(d, **kw)) if cfg.image_mask_prob > 0 else None
         self.txt_pos = nn.Parameter(torch.empty(self.layout.text_len, d, **kw))
         self.img_pos = nn.Parameter(torch.empty(grid * grid, d, **kw))
         self.sep = nn.Parameter(torch.empty(d, **kw))
@@ -162,7 +165,7 @@ class MDMBackbone(nn.Module):
     # ------------------------------------------------------------------------------------------
     def reset_parameters(self) -> None:
         std = self.cfg.init_std
-        for p in (self.txt_pos, self.img_pos, self.sep, self.row_pad, self.tail_pad):
+        for p in (self.txt_pos, self.img_pos, self.sep, self.row_pad, self.tail_pad, self.img_mask):
             if p is not None:
                 nn.init.normal_(p, std=std)
         nn.init.normal_(self.category.weight, std=std)
@@ -181,7 +184,7 @@ class MDMBackbone(nn.Module):
             self._orders[device] = {n: orders[i] for i, n in enumerate(names)}
         return self._orders[device]
 
-    def embed(self, txt, img, t_txt, t_img, category, img_sc=None) -> torch.Tensor:
+    def embed(self, txt, img, t_txt, t_img, category, img_sc=None, img_keep=None) -> torch.Tensor:
         """Assemble the ``(B, T, d_model)`` input sequence."""
         b = txt.shape[0]
         lay = self.layout
@@ -193,7 +196,13 @@ class MDMBackbone(nn.Module):
             self.txt_in(txt.to(dtype)) + self.txt_pos[: txt.shape[1]],
             self.sep.expand(b, 1, -1),
         ]
-        x_img = self.img_in(img.to(dtype)) + self.img_pos
+        x_img = self.img_in(img.to(dtype))
+        if self.img_mask is not None:  # always applied (all kept without img_keep): one graph for ZeRO
+            keep = torch.ones(img.shape[:2], dtype=torch.bool, device=img.device) if img_keep is None else img_keep
+            x_img = torch.where(keep.to(img.device)[..., None], x_img, self.img_mask.to(x_img.dtype))
+        elif img_keep is not None:
+            raise ValueError("img_keep given to a backbone built without model.image_mask_prob > 0")
+        x_img = x_img + self.img_pos
         if self.img_sc_in is not None:  # always applied (zeros without an estimate): one graph for ZeRO
             x_img = x_img + self.img_sc_in((torch.zeros_like(img) if img_sc is None else img_sc).to(dtype))
         elif img_sc is not None:
@@ -208,16 +217,19 @@ class MDMBackbone(nn.Module):
         return torch.cat(parts, dim=1)
 
     def forward(self, txt: torch.Tensor, img: torch.Tensor, t_txt: torch.Tensor, t_img: torch.Tensor,
-                category: torch.Tensor, img_sc: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                category: torch.Tensor, img_sc: torch.Tensor | None = None,
+                img_keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Denoise the joint sequence. Shapes: docs/model.md; ``img_sc`` (like ``img``) the clean
-        image estimate of self-conditioning (None: zeros). Returns ``(txt_out, img_out)``."""
+        image estimate of self-conditioning (None: zeros); ``img_keep`` (B, N) bool, False where
+        an image token is hidden behind the mask embedding (None: all visible).
+        Returns ``(txt_out, img_out)``."""
         lay = self.layout
         if txt.shape[1] != lay.text_len or img.shape[1] != lay.grid_h * lay.grid_w:
             raise ValueError(
                 f"expected {lay.text_len} text and {lay.grid_h * lay.grid_w} image latents "
                 f"(vae.max_text_len, vae.image_size), got {txt.shape[1]} and {img.shape[1]}"
             )
-        x = self.embed(txt, img, t_txt, t_img, category, img_sc)
+        x = self.embed(txt, img, t_txt, t_img, category, img_sc, img_keep)
         orders = self.scan_orders(x.device)
         skips: list[torch.Tensor] = []
         n_skip = len(self.skip_proj)

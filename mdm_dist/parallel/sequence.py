@@ -231,8 +231,8 @@ class SequenceParallelBackbone(MDMBackbone):
 
     _sp: SequenceParallelState
 
-    def embed(self, txt, img, t_txt, t_img, category, img_sc=None) -> Tensor:
-        x = super().embed(txt, img, t_txt, t_img, category, img_sc)
+    def embed(self, txt, img, t_txt, t_img, category, img_sc=None, img_keep=None) -> Tensor:
+        x = super().embed(txt, img, t_txt, t_img, category, img_sc, img_keep)
         self._sp.seqlen = x.shape[1]
         return split_sequence(x, self._sp.group)
 

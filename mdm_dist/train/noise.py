@@ -52,6 +52,9 @@ class SampleNoise:
                 d["eps_txt"] = torch.randn((1, L, dz), generator=g)
             if cfg.model.self_condition:
                 d["sc"] = torch.rand((1,), generator=g)
+            if cfg.model.image_mask_prob > 0:
+                d["img_mask"] = torch.rand((1,), generator=g)
+                d["img_mask_tokens"] = torch.rand((1, num_image_tokens), generator=g)
             rows.append(d)
         return {k: torch.cat([r[k] for r in rows]).to(device) for k in rows[0]}
 

@@ -5,7 +5,8 @@ the held-out text-to-image and captioning figures at the end.
     python benchmarks/conditioning_probe.py --data outputs/demo/mds --vae outputs/demo/vae/vae.pt \\
         [--corpus outputs/demo/corpus --tokenizer outputs/demo/tokenizer] [--config configs/tiny.yaml] \\
         [--steps 800] [--batch 16] [--lr 1e-3] [--min-lr 3e-4 --warmup 50] [--weight-decay 0.03]
-        [--every 200] [--per-sample-noise] [--decay-groups] [--set diffusion.task_probs={...} ...]
+        [--every 200] [--per-sample-noise] [--decay-groups] [--dtype bfloat16]
+        [--set diffusion.task_probs={...} ...]
 
 It is the loop behind the probe figures of benchmarks/demo_results.md: AdamW at a constant lr
 unless ``--min-lr`` gives the trainer's warm-up + cosine schedule (no ZeRO, no sequence
@@ -14,7 +15,9 @@ distributed trainer runs), gradient clipping at train.grad_clip,
 the UnifiedVAE from ``--vae`` with its image path frozen as in pretraining. ``--per-sample-noise``
 and ``--decay-groups`` take the trainer's two other choices: every sample's draws from its own
 generator seeded by (train.seed, step, key) (mdm_dist/train/noise.py), and no weight decay on
-1-D parameters (mdm_dist/train/engine.py: param_groups). Each report line:
+1-D parameters (mdm_dist/train/engine.py: param_groups). ``--dtype bfloat16`` runs the loss under
+torch.autocast(bfloat16) with fp32 weights, as the trainer does under ``train.dtype: bfloat16``
+(DeepSpeed's torch_autocast); the reports and the held-out sampling stay in fp32. Each report line:
 step, seconds, and for i2t and t2i the loss with the true conditions and the ratio shuffled /
 true on a fixed batch of 128 samples (1.00 = the condition is ignored).
 """
@@ -58,6 +61,8 @@ def main(argv=None) -> int:
                     help="the trainer's per-sample draws (mdm_dist/train/noise.py) instead of one generator")
     ap.add_argument("--decay-groups", action="store_true",
                     help="the trainer's AdamW groups: no weight decay on 1-D parameters (default: decay on all)")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="compute dtype of the training loss (bfloat16: autocast, fp32 weights)")
     args = ap.parse_args(argv)
     if args.corpus and not args.tokenizer:
         ap.error("--corpus needs --tokenizer")
@@ -106,11 +111,12 @@ def main(argv=None) -> int:
             if args.min_lr is not None:  # the trainer's schedule (mdm_dist/train/schedule.py)
                 for group in opt.param_groups:
                     group["lr"] = lr_at(step, args.lr, args.min_lr, args.warmup, args.steps)
-            if args.per_sample_noise:  # the trainer's loss call (mdm_dist/train/engine.py: train_step)
-                noise = SampleNoise(batch["key"], cfg.train.seed, step)
-                loss = loss_module(batch, noise.fixed(cfg, model.vae.num_image_tokens, "cpu"), noise)["total"]
-            else:
-                loss = mdm_loss(model, batch, cfg, generator=g)["total"]
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
+                if args.per_sample_noise:  # the trainer's loss call (mdm_dist/train/engine.py: train_step)
+                    noise = SampleNoise(batch["key"], cfg.train.seed, step)
+                    loss = loss_module(batch, noise.fixed(cfg, model.vae.num_image_tokens, "cpu"), noise)["total"]
+                else:
+                    loss = mdm_loss(model, batch, cfg, generator=g)["total"]
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)

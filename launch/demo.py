@@ -2,7 +2,7 @@
 
     python launch/demo.py [--output outputs/demo] [--quick] [--print-commands] [--force STAGE ...]
         [--num-samples N] [--vae-steps N] [--steps N] [--num-eval N] [--sample-steps N] [--guidance W]
-        [--caption-guidance W]
+        [--caption-guidance W] [--dtype auto|float32|bfloat16]
 
 Stages, each one command of the repo (``--print-commands`` prints them all and runs nothing, so a
 user can run them by hand, one by one):
@@ -14,7 +14,9 @@ user can run them by hand, one by one):
                  parallel on 2 CPU processes under the same launcher (one thread each)
 4. ``encode``    data_prep/encode_laion.py: the corpus as MDS shards of image-latent moments + ids
 5. ``pretrain``  deepspeed --num_accelerators 2 launch/pretrain.py --config configs/tiny.yaml:
-                 2 CPU processes, ZeRO-3, sequence parallelism 2 (OMP_NUM_THREADS=1 each), the
+                 2 CPU processes, ZeRO-3, sequence parallelism 2 (OMP_NUM_THREADS=1 each), in
+                 bf16 autocast where the CPU has native bf16 (``--dtype``; then 2950 steps instead
+                 of the config's 2400, in about the same time), the
                  UnifiedVAE started from stage 3 (``train.vae_checkpoint``), the ``cycle`` scan and
                  an attention block after each of the first 3 Mamba blocks (``--scan-mode``,
                  ``--attention-every``)
@@ -56,6 +58,10 @@ TARGETS = {"text_to_image": 0.80, "captioning": 0.80, "total_wall_s": 20 * 60}
 # One OpenMP thread per process in every stage: on 2 shared cores, spinning OpenMP threads made
 # the VAE stage ~5x slower with 2 threads than with 1; pretraining runs 2 processes anyway.
 ONE = {"OMP_NUM_THREADS": "1"}
+# Pretraining steps under bf16 (the default where the CPU has native bf16): the 2-process trainer
+# runs 1.24x the samples/s of fp32 there (benchmarks/demo_results.md), so about as long as the
+# 2400 fp32 steps of configs/tiny.yaml
+BF16_STEPS = 2950
 QUICK = {"num_samples": 256, "num_eval": 16, "vae_steps": 8, "steps": 6, "sample_steps": 4}
 
 
@@ -90,7 +96,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--nproc", type=int, default=2,
                     help="processes of the VAE stage (data parallel) and of pretraining (default 2 = sequence parallel 2)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                    help="pretraining's compute dtype, train.dtype (default auto: bfloat16 autocast with fp32 "
+                         "weights where the CPU has native bf16 (AVX512-BF16 / AMX), else float32)")
     args = ap.parse_args(argv)
+    if args.dtype == "auto":
+        from mdm_dist.parallel.zero import cpu_has_native_bf16
+
+        args.dtype = "bfloat16" if cpu_has_native_bf16() else "float32"
+    if args.steps is None and not args.quick and args.dtype == "bfloat16":
+        args.steps = BF16_STEPS  # the time bf16 saves goes into more steps
     defaults = {"num_samples": 4000, "num_eval": 100}
     for key in ("num_samples", "num_eval", "vae_steps", "steps", "sample_steps"):
         if getattr(args, key) is None:
@@ -137,7 +152,7 @@ def stage_commands(args, out: Path) -> list[tuple[str, Path, list[str] | None, d
           "--resume", "auto", "--set", f"parallel.sequence_parallel={args.nproc}",
           "--set", f"data.tokenizer={tok.resolve()}",
           "--set", f"train.vae_checkpoint={(vae / 'vae.pt').resolve()}",
-          "--set", f"train.seed={args.seed}", "--set", "train.sample_every=0",
+          "--set", f"train.seed={args.seed}", "--set", "train.sample_every=0", "--set", f"train.dtype={args.dtype}",
           "--set", f"model.scan_mode={args.scan_mode}", "--set", f"model.attention_every={args.attention_every}",
           *mdm_sets, *quick_sets],
          ONE),
@@ -232,6 +247,7 @@ def write_report(args, out: Path, timings: dict) -> dict:
     report = {
         "command": "python launch/demo.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         "quick": args.quick,
+        "dtype": args.dtype,
         "stage_timings_s": {k: round(v["seconds"], 2) for k, v in timings.items()},
         "stages": timings,
         "total_wall_s": round(total, 2),

@@ -34,6 +34,22 @@ def test_attention_matches_float64(shape, backend):
     torch.testing.assert_close(out64, ref, rtol=1e-10, atol=1e-10)
 
 
+def test_cpu_bf16_attention_runs_in_fp32_under_autocast():
+    """On CPU, bf16 q/k/v (as autocast makes them) are attended in fp32: the result is the fp32
+    attention of the bf16 inputs rounded once to bf16, exactly, and gradients flow back in bf16."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 33, 4, 32, generator=g).bfloat16().requires_grad_(True) for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attention(q, k, v, "sdpa")
+    assert out.dtype == torch.bfloat16
+    ref = attention(q.detach().float(), k.detach().float(), v.detach().float(), "sdpa").bfloat16()
+    assert torch.equal(out, ref)
+    torch.testing.assert_close(out.double(), _float64_attention(q.detach(), k.detach(), v.detach()),
+                               rtol=1e-2, atol=1e-2)
+    out.float().square().sum().backward()
+    assert q.grad.dtype == torch.bfloat16 and q.grad.abs().sum() > 0
+
+
 def test_attention_is_bidirectional():
     # Changing the last token changes the output at the first position (no causal mask).
     g = torch.Generator().manual_seed(0)

@@ -47,6 +47,47 @@ def test_print_commands_lists_every_stage(tmp_path):
     assert bad.returncode == 2 and "--attention-every must be >= 0" in bad.stderr
 
 
+def _demo_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("demo_launch", ROOT / "launch" / "demo.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_dtype_auto_follows_the_cpu_and_bf16_buys_steps(monkeypatch):
+    """--dtype auto: bfloat16 where the CPU has native bf16, else float32; bf16 without --steps
+    trains BF16_STEPS (the time it saves), an explicit --steps or --quick wins."""
+    import mdm_dist.parallel.zero as zero
+
+    demo = _demo_module()
+    monkeypatch.setattr(zero, "cpu_has_native_bf16", lambda: True)
+    a = demo.parse_args([])
+    assert (a.dtype, a.steps) == ("bfloat16", demo.BF16_STEPS)
+    assert demo.parse_args(["--steps", "100"]).steps == 100
+    assert demo.parse_args(["--quick"]).steps == demo.QUICK["steps"]
+    assert (demo.parse_args(["--dtype", "float32"]).dtype, demo.parse_args(["--dtype", "float32"]).steps) == ("float32", None)
+    monkeypatch.setattr(zero, "cpu_has_native_bf16", lambda: False)
+    a = demo.parse_args([])
+    assert (a.dtype, a.steps) == ("float32", None)  # the config's train.max_steps
+    assert demo.parse_args(["--dtype", "bfloat16"]).steps == demo.BF16_STEPS
+    cmds = {name: cmd for name, _, cmd, _ in demo.stage_commands(demo.parse_args(["--dtype", "bfloat16"]), ROOT / "x")}
+    assert "train.dtype=bfloat16" in cmds["pretrain"] and f"train.max_steps={demo.BF16_STEPS}" in cmds["pretrain"]
+
+
+def test_cpu_has_native_bf16_reads_the_cpu_flags(tmp_path):
+    from mdm_dist.parallel.zero import cpu_has_native_bf16
+
+    f = tmp_path / "cpuinfo"
+    f.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512bw\n")
+    assert not cpu_has_native_bf16(str(f))
+    for flag in ("avx512_bf16", "amx_bf16"):
+        f.write_text(f"processor\t: 0\nflags\t\t: fpu avx512f {flag} avx512_vnni\n")
+        assert cpu_has_native_bf16(str(f))
+    assert not cpu_has_native_bf16(str(tmp_path / "missing"))
+
+
 @pytest.fixture(scope="module")
 def quick_demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "out"
@@ -88,7 +129,12 @@ def test_quick_demo_writes_every_artifact(quick_demo):
     run = out / "run"
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == list(range(1, 7))
-    assert json.loads((run / "ds_config.json").read_text())["zero_optimization"]["stage"] == 3
+    ds = json.loads((run / "ds_config.json").read_text())
+    assert ds["zero_optimization"]["stage"] == 3
+    from mdm_dist.parallel.zero import cpu_has_native_bf16
+
+    assert report["dtype"] == ("bfloat16" if cpu_has_native_bf16() else "float32")  # --dtype auto
+    assert ds["torch_autocast"]["enabled"] == (report["dtype"] == "bfloat16")
 
 
 def test_quick_demo_rerun_skips_every_stage(quick_demo):

@@ -9,6 +9,12 @@ t0 = 1 is plain text-to-image. Where the prompted shape survives from a start ti
 a noisier one, the model decides shape between the two: what the caption must carry there is what
 the model has not learnt. Prints one JSON line per t0, writes ``noise_level_probe.json`` and a
 PNG plot (accuracy against alpha_bar(t0)) next to the run.
+
+Then, at the same noise levels (alpha_bar at least 0.02), whether the model's prediction uses the
+caption's shape and colour words at all (``mdm_dist.eval.conditioning.caption_word_reliance``):
+the error of its clean-latent estimate with each caption's shape (colour) word replaced by the
+next shape (colour), over the error with the true caption; 1.00 = the word is ignored. Written
+to the same JSON (``word_reliance``) and plotted in ``noise_level_probe_words.png``.
 """
 
 from __future__ import annotations
@@ -43,7 +49,10 @@ def main(argv=None) -> int:
     from mdm_dist.data.vae_checkpoint import load_vae_checkpoint
     from mdm_dist.diffusion import sample
     from mdm_dist.diffusion.schedules import from_config
+    from mdm_dist.data.shapes import COLOURS, SHAPES
+    from mdm_dist.eval.captions import swap_attribute
     from mdm_dist.eval.classifier import classify_batch
+    from mdm_dist.eval.conditioning import caption_word_reliance
     from mdm_dist.eval.heldout import heldout_images, heldout_records, load_mdm
     from mdm_dist.viz import line_plot
 
@@ -72,14 +81,32 @@ def main(argv=None) -> int:
                        colour=float(np.mean([p.colour == r["colour"] for p, r in zip(preds, recs)])))
             rows.append(row)
             tqdm.write(json.dumps(row))
-    report = dict(run=str(run), guidance=w, sampler=args.sampler, num=len(recs), rows=rows)
+        # does the prediction use the caption's shape / colour word? (the next shape / colour instead)
+        colours = list(COLOURS)
+        variants = {"true": [r["caption"] for r in recs],
+                    "shape_swapped": [swap_attribute(r["caption"], "shape", SHAPES[(SHAPES.index(r["shape"]) + 1) % len(SHAPES)])
+                                      for r in recs],
+                    "colour_swapped": [swap_attribute(r["caption"], "colour", colours[(colours.index(r["colour"]) + 1) % len(colours)])
+                                       for r in recs]}
+        variants = {k: torch.from_numpy(np.stack([tok.encode_fixed(c, cfg.vae.max_text_len) for c in v])).long()
+                    for k, v in variants.items()}
+        alpha_bars = sorted({round(max(0.02, r["alpha_bar"]), 4) for r in rows})
+        words = caption_word_reliance(model, cfg, z0, variants, tuple(alpha_bars), seed=args.seed)
+        for row in words:
+            tqdm.write(json.dumps({k: round(v, 4) for k, v in row.items()}))
+    report = dict(run=str(run), guidance=w, sampler=args.sampler, num=len(recs), rows=rows, word_reliance=words)
     (run / "noise_level_probe.json").write_text(json.dumps(report, indent=1) + "\n")
     line_plot({"shape": ([r["alpha_bar"] for r in rows], [r["shape"] for r in rows]),
                "colour": ([r["alpha_bar"] for r in rows], [r["colour"] for r in rows])},
               run / "noise_level_probe.png", xlabel="alpha_bar(t0) of the start (0 = pure noise)",
               ylabel="held-out images with the prompted attribute",
               title="denoised from noised real latents with the caption")
-    print(f"wrote {run / 'noise_level_probe.json'} and {run / 'noise_level_probe.png'}")
+    line_plot({f"{k} word swapped": ([r["alpha_bar"] for r in words], [r[f"{k}_swapped_ratio"] for r in words])
+               for k in ("shape", "colour")},
+              run / "noise_level_probe_words.png", xlabel="alpha_bar of the noised latents",
+              ylabel="x0 error, swapped / true caption",
+              title="does the prediction use the caption's words? (1 = ignored)")
+    print(f"wrote {run / 'noise_level_probe.json'}, {run / 'noise_level_probe.png'} and {run / 'noise_level_probe_words.png'}")
     return 0
 
 

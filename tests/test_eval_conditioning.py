@@ -68,3 +68,55 @@ def test_reliance_never_masks_image_tokens():
     condition_reliance(model, cfg, make_batch(cfg, pixels=False))
     keeps = [call[4] for call in model.backbone.calls]
     assert keeps and all(k is not None and bool(k.all()) for k in keeps)
+
+
+def test_swap_attribute_replaces_only_that_word():
+    from mdm_dist.eval.captions import swap_attribute
+
+    assert swap_attribute("three red circles on the left", "shape", "cross") == "three red crosses on the left"
+    assert swap_attribute("a small Red square at the left", "colour", "blue") == "a small blue square at the left"
+    assert swap_attribute("there is one green triangle", "shape", "square") == "there is one green square"
+    assert swap_attribute("a white image with two blue squares", "colour", "red") == "a white image with two red squares"
+    with pytest.raises(ValueError, match="allowed: colour, shape"):
+        swap_attribute("a red circle", "size", "large")
+    with pytest.raises(ValueError, match="unknown shape"):
+        swap_attribute("a red circle", "shape", "star")
+
+
+def test_caption_word_reliance_against_a_hand_computation():
+    """Blind to the text: every ratio exactly 1; reading it: != 1; the true error equals the
+    same noising and x0 estimate written out by hand in float64."""
+    import math
+
+    from mdm_dist.diffusion.schedules import from_config
+    from mdm_dist.eval.conditioning import caption_word_reliance
+
+    cfg, model = tiny("diffusion.image_prediction=v")
+    g = torch.Generator().manual_seed(0)
+    n, L = 16, cfg.vae.max_text_len
+    z0 = torch.randn(3, n, cfg.vae.d_z, generator=g)
+    ids = torch.randint(2, cfg.vae.vocab_size, (3, L), generator=g)
+    caps = {"true": ids, "other": torch.roll(ids, 1, 0)}
+    torch.manual_seed(0)
+    model.backbone = Blind(cfg.vae.d_z)
+    rows = caption_word_reliance(model, cfg, z0, caps, (0.1, 0.5), reps=2, seed=3)
+    assert [r["other_ratio"] for r in rows] == [1.0, 1.0]
+    vp = from_config(cfg.diffusion).vp
+    gen = torch.Generator().manual_seed(3)
+    for r, ab in zip(rows, (0.1, 0.5)):
+        assert float(vp.alpha_bar(torch.tensor(r["t"], dtype=torch.float64))) == pytest.approx(ab, abs=1e-6)
+        ref = 0.0
+        for _ in range(2):
+            eps = torch.randn(z0.shape, generator=gen)
+            z_t = (math.sqrt(ab) * z0.double() + math.sqrt(1 - ab) * eps.double())
+            with torch.no_grad():
+                v = model.backbone.i(z_t.float()).double()
+            ref += float((math.sqrt(ab) * z_t - math.sqrt(1 - ab) * v - z0.double()).square().mean()) / 2
+        assert r["true"] == pytest.approx(ref, rel=1e-4)
+    model.backbone = Reader(cfg.vae.d_z)
+    rows = caption_word_reliance(model, cfg, z0, caps, (0.3,), reps=1)
+    assert abs(rows[0]["other_ratio"] - 1.0) > 1e-3
+    with pytest.raises(ValueError, match="'true'"):
+        caption_word_reliance(model, cfg, z0, {"other": ids}, (0.3,))
+    with pytest.raises(ValueError, match="alpha_bar"):
+        caption_word_reliance(model, cfg, z0, caps, (1.0,))

@@ -26,3 +26,20 @@ def caption_names(caption: str, colour: str, shape: str) -> bool:
     """True when ``caption`` names exactly the colour ``colour`` and exactly the shape ``shape``."""
     colours, shapes = named_attributes(caption)
     return colours == {colour} and shapes == {shape}
+
+
+def swap_attribute(caption: str, attribute: str, new: str) -> str:
+    """``caption`` with every colour word (``attribute="colour"``) or every shape word (``"shape"``,
+    singular and plural kept as they were) replaced by ``new``; other words untouched. Raises
+    ValueError for an unknown attribute or value."""
+    if attribute == "colour":
+        if new not in COLOURS:
+            raise ValueError(f"unknown colour {new!r}; allowed: {', '.join(COLOURS)}")
+        table = {c: new for c in COLOURS}
+    elif attribute == "shape":
+        if new not in SHAPES:
+            raise ValueError(f"unknown shape {new!r}; allowed: {', '.join(SHAPES)}")
+        table = {s: new for s in SHAPES} | {PLURALS[s]: PLURALS[new] for s in SHAPES}
+    else:
+        raise ValueError(f"unknown attribute {attribute!r}; allowed: colour, shape")
+    return re.sub(r"[A-Za-z]+", lambda m: table.get(m.group(0).lower(), m.group(0)), caption)

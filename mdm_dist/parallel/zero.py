@@ -18,7 +18,7 @@
     ``decode_*``, which are methods, not ``forward``: the VAE's class is swapped for a subclass
     whose public methods run through ``nn.Module.__call__`` (so its hooks fire) and
     dispatch to the original method;
-  - ``MDMBackbone.txt_pos``/``img_pos``/``sep``/``row_pad``/``tail_pad`` are used in
+  - ``MDMBackbone.txt_pos``/``img_pos``/``sep``/``row_pad``/``tail_pad``/``img_mask`` are used in
     ``embed()``, which runs inside ``MDMBackbone.forward``: ZeRO-3 gathers a module's own
     parameters for the whole of its forward (and again for its backward), so they need nothing;
     ``tests/test_parallel_zero.py`` checks this with persistence disabled

@@ -101,7 +101,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "weights where the CPU has native bf16 (AVX512-BF16 / AMX), else float32)")
     args = ap.parse_args(argv)
     if args.dtype == "auto":
-        from mdm_dist.parallel.zero import cpu_has_native_bf16
+        from mdm_dist.train.precision import cpu_has_native_bf16
 
         args.dtype = "bfloat16" if cpu_has_native_bf16() else "float32"
     if args.steps is None and not args.quick and args.dtype == "bfloat16":

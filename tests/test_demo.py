@@ -59,16 +59,16 @@ def _demo_module():
 def test_dtype_auto_follows_the_cpu_and_bf16_buys_steps(monkeypatch):
     """--dtype auto: bfloat16 where the CPU has native bf16, else float32; bf16 without --steps
     trains BF16_STEPS (the time it saves), an explicit --steps or --quick wins."""
-    import mdm_dist.parallel.zero as zero
+    import mdm_dist.train.precision as precision
 
     demo = _demo_module()
-    monkeypatch.setattr(zero, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
     a = demo.parse_args([])
     assert (a.dtype, a.steps) == ("bfloat16", demo.BF16_STEPS)
     assert demo.parse_args(["--steps", "100"]).steps == 100
     assert demo.parse_args(["--quick"]).steps == demo.QUICK["steps"]
     assert (demo.parse_args(["--dtype", "float32"]).dtype, demo.parse_args(["--dtype", "float32"]).steps) == ("float32", None)
-    monkeypatch.setattr(zero, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
     a = demo.parse_args([])
     assert (a.dtype, a.steps) == ("float32", None)  # the config's train.max_steps
     assert demo.parse_args(["--dtype", "bfloat16"]).steps == demo.BF16_STEPS
@@ -77,7 +77,7 @@ def test_dtype_auto_follows_the_cpu_and_bf16_buys_steps(monkeypatch):
 
 
 def test_cpu_has_native_bf16_reads_the_cpu_flags(tmp_path):
-    from mdm_dist.parallel.zero import cpu_has_native_bf16
+    from mdm_dist.train.precision import cpu_has_native_bf16
 
     f = tmp_path / "cpuinfo"
     f.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512bw\n")
@@ -131,7 +131,7 @@ def test_quick_demo_writes_every_artifact(quick_demo):
     assert [m["step"] for m in metrics] == list(range(1, 7))
     ds = json.loads((run / "ds_config.json").read_text())
     assert ds["zero_optimization"]["stage"] == 3
-    from mdm_dist.parallel.zero import cpu_has_native_bf16
+    from mdm_dist.train.precision import cpu_has_native_bf16
 
     assert report["dtype"] == ("bfloat16" if cpu_has_native_bf16() else "float32")  # --dtype auto
     assert ds["torch_autocast"]["enabled"] == (report["dtype"] == "bfloat16")

@@ -66,27 +66,12 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
-    """Whether this CPU computes bf16 in hardware (x86 AVX512-BF16 or AMX-BF16, read from the
-    kernel's CPU flags; False where they cannot be read, e.g. off Linux). There, bf16 matmuls run
-    ~4x faster than fp32 (benchmarks/demo_results.md); elsewhere they are emulated and slower."""
-    try:
-        with open(cpuinfo) as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
-    except OSError:
-        pass
-    return False
-
-
 def use_bf16(cfg: Config, device_type: str) -> bool:
     """bf16 on GPU (``train.dtype`` auto or bfloat16), fp32 on CPU or with ``train.dtype: float32``.
     On CPU, ``train.dtype: bfloat16`` is accepted with ``train.mixed_precision: autocast`` (CPU
     autocast supports bf16: faster than fp32 on CPUs with native bf16, see
-    :func:`cpu_has_native_bf16`, which ``launch/demo.py`` uses to choose; emulated and slow on
-    others)."""
+    :func:`mdm_dist.train.precision.cpu_has_native_bf16`, which ``launch/demo.py`` uses to
+    choose; emulated and slow on others)."""
     if cfg.train.dtype == "float32":
         return False
     if cfg.train.dtype == "bfloat16" and device_type == "cpu":
@@ -299,4 +284,4 @@ def build_model_zero(cfg: Config, ds_config: dict[str, Any], device: str | torch
     return make_zero3_safe(model)
 
 
-__all__ = ["Zero3UnifiedVAE", "build_model_zero", "deepspeed_config", "make_zero3_safe", "use_bf16", "cpu_has_native_bf16"]
+__all__ = ["Zero3UnifiedVAE", "build_model_zero", "deepspeed_config", "make_zero3_safe", "use_bf16"]

@@ -10,4 +10,5 @@
 - :mod:`~mdm_dist.train.metrics`: metrics.jsonl, console line, wandb, MFU.
 - :mod:`~mdm_dist.train.preempt`: SIGTERM / SIGUSR1 -> save and exit at the next step.
 - :mod:`~mdm_dist.train.samples`: text-to-image grids and caption tables during training.
+- :mod:`~mdm_dist.train.precision`: does this CPU compute bf16 in hardware?
 """

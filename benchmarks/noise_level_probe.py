@@ -10,7 +10,7 @@ a noisier one, the model decides shape between the two: what the caption must ca
 the model has not learnt. Prints one JSON line per t0, writes ``noise_level_probe.json`` and a
 PNG plot (accuracy against alpha_bar(t0)) next to the run.
 
-Then, at the same noise levels (alpha_bar at least 0.02), whether the model's prediction uses the
+Then, at the same start times, whether the model's prediction uses the
 caption's shape and colour words at all (``mdm_dist.eval.conditioning.caption_word_reliance``):
 the error of its clean-latent estimate with each caption's shape (colour) word replaced by the
 next shape (colour), over the error with the true caption; 1.00 = the word is ignored. Written
@@ -90,8 +90,7 @@ def main(argv=None) -> int:
                                        for r in recs]}
         variants = {k: torch.from_numpy(np.stack([tok.encode_fixed(c, cfg.vae.max_text_len) for c in v])).long()
                     for k, v in variants.items()}
-        alpha_bars = sorted({round(max(0.02, r["alpha_bar"]), 4) for r in rows})
-        words = caption_word_reliance(model, cfg, z0, variants, tuple(alpha_bars), seed=args.seed)
+        words = caption_word_reliance(model, cfg, z0, variants, tuple(args.t0), seed=args.seed)
         for row in words:
             tqdm.write(json.dumps({k: round(v, 4) for k, v in row.items()}))
     report = dict(run=str(run), guidance=w, sampler=args.sampler, num=len(recs), rows=rows, word_reliance=words)
@@ -103,7 +102,7 @@ def main(argv=None) -> int:
               title="denoised from noised real latents with the caption")
     line_plot({f"{k} word swapped": ([r["alpha_bar"] for r in words], [r[f"{k}_swapped_ratio"] for r in words])
                for k in ("shape", "colour")},
-              run / "noise_level_probe_words.png", xlabel="alpha_bar of the noised latents",
+              run / "noise_level_probe_words.png", xlabel="alpha_bar of the noised latents (0 = pure noise)",
               ylabel="x0 error, swapped / true caption",
               title="does the prediction use the caption's words? (1 = ignored)")
     print(f"wrote {run / 'noise_level_probe.json'}, {run / 'noise_level_probe.png'} and {run / 'noise_level_probe_words.png'}")

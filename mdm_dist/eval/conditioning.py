@@ -59,21 +59,24 @@ def condition_reliance(model, cfg, batch: dict, times: tuple[float, ...] = (0.3,
 
 @torch.no_grad()
 def caption_word_reliance(model, cfg, img_latents: torch.Tensor, captions: dict[str, torch.Tensor],
-                          alpha_bars: tuple[float, ...], reps: int = 4, seed: int = 0) -> list[dict]:
+                          times: tuple[float, ...], reps: int = 4, seed: int = 0) -> list[dict]:
     """How much the text-to-image prediction depends on each caption variant, per noise level.
 
     ``img_latents`` (B, N, d_z): clean image latents; ``captions``: name -> ids (B, L), one entry
     named ``"true"`` (each image's own caption) and others (e.g. the same captions with the shape
-    word swapped). For each alpha_bar the latents are noised to the time with that alpha_bar
-    (``reps`` noise draws, the same for every variant) and the mean squared error of the model's
-    clean-latent estimate (per latent value, no guidance) is measured with each caption variant.
-    Returns one row per alpha_bar: ``{"alpha_bar", "t", "<name>": mse, "<name>_ratio": mse /
-    mse_true}``; a ratio of 1 means the model's prediction ignores what that variant changed."""
-    from mdm_dist.diffusion.objectives import image_x0_estimate
+    word swapped). At each time t in (0, 1] the latents are noised to t (``reps`` noise draws, the
+    same for every variant) and the mean squared error of the model's clean-latent estimate (per
+    latent value, no guidance) is measured with each caption variant. Returns one row per time:
+    ``{"t", "alpha_bar", "<name>": mse, "<name>_ratio": mse / mse_true}``; a ratio of 1 means the
+    model's prediction ignores what that variant changed."""
+    from mdm_dist.diffusion.objectives import _vp_noise, image_x0_estimate
     from mdm_dist.diffusion.schedules import from_config
 
     if "true" not in captions:
         raise ValueError("captions needs a 'true' entry (each image's own caption)")
+    bad = [t for t in times if not 0.0 < t <= 1.0]
+    if bad:
+        raise ValueError(f"times must lie in (0, 1], got {bad}")
     vp = from_config(cfg.diffusion).vp
     b = img_latents.shape[0]
     was_training = model.training
@@ -81,24 +84,16 @@ def caption_word_reliance(model, cfg, img_latents: torch.Tensor, captions: dict[
     g = torch.Generator().manual_seed(seed)
     z_txt = {k: model.vae.encode_text(v)[0] for k, v in captions.items()}  # the posterior means
     rows = []
-    for ab in alpha_bars:
-        if not 0.0 < ab < 1.0:
-            raise ValueError(f"alpha_bar values must lie in (0, 1), got {ab}")
-        lo, hi = 0.0, 1.0  # the time with this alpha_bar (alpha_bar decreases in t)
-        for _ in range(60):
-            mid = (lo + hi) / 2
-            lo, hi = (mid, hi) if float(vp.alpha_bar(torch.tensor(mid, dtype=torch.float64))) > ab else (lo, mid)
-        t = torch.full((b,), (lo + hi) / 2)
-        a, s = float(vp.alpha_bar(t[0].double())), float(vp.sigma(t[0].double()))
+    for t0 in times:
+        t = torch.full((b,), float(t0))
         err = dict.fromkeys(captions, 0.0)
         for _ in range(reps):
-            eps = torch.randn(img_latents.shape, generator=g, dtype=img_latents.dtype)
-            z_t = a**0.5 * img_latents + s * eps
+            z_t = _vp_noise(img_latents, torch.randn(img_latents.shape, generator=g, dtype=img_latents.dtype), t, vp)
             for name, zt in z_txt.items():
                 _, out = model.backbone(zt, z_t, torch.zeros(b), t, torch.zeros(b, dtype=torch.long))
                 x0 = image_x0_estimate(out.float(), z_t.float(), t, vp, cfg.diffusion.image_prediction)
                 err[name] += float((x0 - img_latents.float()).square().mean()) / reps
-        row = {"alpha_bar": ab, "t": float(t[0])} | err
+        row = {"t": float(t0), "alpha_bar": float(vp.alpha_bar(torch.tensor(float(t0), dtype=torch.float64)))} | err
         row |= {f"{k}_ratio": err[k] / err["true"] for k in captions if k != "true"}
         rows.append(row)
     model.train(was_training)

@@ -45,11 +45,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from mdm_dist.data.raw import to_tensor_range
+    from mdm_dist.data.shapes import COLOURS, SHAPES
     from mdm_dist.data.tokenizer import CaptionTokenizer
     from mdm_dist.data.vae_checkpoint import load_vae_checkpoint
     from mdm_dist.diffusion import sample
     from mdm_dist.diffusion.schedules import from_config
-    from mdm_dist.data.shapes import COLOURS, SHAPES
     from mdm_dist.eval.captions import swap_attribute
     from mdm_dist.eval.classifier import classify_batch
     from mdm_dist.eval.conditioning import caption_word_reliance
@@ -67,7 +67,16 @@ def main(argv=None) -> int:
     x = to_tensor_range(heldout_images(run / "corpus", recs, cfg.vae.image_size))
     w = cfg.diffusion.guidance_scale if args.guidance is None else args.guidance
     vp = from_config(cfg.diffusion).vp
-    ids = torch.from_numpy(np.stack([tok.encode_fixed(r["caption"], cfg.vae.max_text_len) for r in recs])).long()
+    # each caption, and the same with its shape (colour) word replaced by the next shape (colour)
+    colours = list(COLOURS)
+    variants = {"true": [r["caption"] for r in recs],
+                "shape_swapped": [swap_attribute(r["caption"], "shape", SHAPES[(SHAPES.index(r["shape"]) + 1) % len(SHAPES)])
+                                  for r in recs],
+                "colour_swapped": [swap_attribute(r["caption"], "colour", colours[(colours.index(r["colour"]) + 1) % len(colours)])
+                                   for r in recs]}
+    variants = {k: torch.from_numpy(np.stack([tok.encode_fixed(c, cfg.vae.max_text_len) for c in v])).long()
+                for k, v in variants.items()}
+    ids = variants["true"]
     rows = []
     with torch.no_grad():
         z0, _ = vae.encode_image(x)
@@ -81,15 +90,7 @@ def main(argv=None) -> int:
                        colour=float(np.mean([p.colour == r["colour"] for p, r in zip(preds, recs)])))
             rows.append(row)
             tqdm.write(json.dumps(row))
-        # does the prediction use the caption's shape / colour word? (the next shape / colour instead)
-        colours = list(COLOURS)
-        variants = {"true": [r["caption"] for r in recs],
-                    "shape_swapped": [swap_attribute(r["caption"], "shape", SHAPES[(SHAPES.index(r["shape"]) + 1) % len(SHAPES)])
-                                      for r in recs],
-                    "colour_swapped": [swap_attribute(r["caption"], "colour", colours[(colours.index(r["colour"]) + 1) % len(colours)])
-                                       for r in recs]}
-        variants = {k: torch.from_numpy(np.stack([tok.encode_fixed(c, cfg.vae.max_text_len) for c in v])).long()
-                    for k, v in variants.items()}
+        # does the prediction use the caption's shape / colour word?
         words = caption_word_reliance(model, cfg, z0, variants, tuple(args.t0), seed=args.seed)
         for row in words:
             tqdm.write(json.dumps({k: round(v, 4) for k, v in row.items()}))

@@ -481,8 +481,7 @@ def test_image_masking_hides_exactly_the_drawn_tokens_of_generated_images():
     assert (~expect).sum() > 0
     # the image term: v-MSE over every token of the generated images (joint, t2i), masked or not
     vp = from_config(cfg.diffusion).vp
-    z0 = batch["img_mu"]  # logvar -4: the VAE's sample differs; recover z0 from z_t instead
-    z_t = args2[1].float()
+    z_t = args2[1].float()  # z0 is the VAE's sample of img_mu (logvar -4): recovered from z_t and eps
     a, s_ = vp.alpha_bar(t_img.double()).sqrt().float()[:, None, None], vp.sigma(t_img.double()).float()[:, None, None]
     z0 = (z_t - s_ * eps) / a
     v = a * eps - s_ * z0

@@ -215,7 +215,7 @@ def read_metrics(path: Path) -> list[dict]:
 def loss_history(records: list[dict]) -> dict[str, list[float]]:
     """Every loss term of metrics.jsonl over steps (``loss`` = total); absent terms left out.
     A step where a term is null (non-finite) repeats the previous value so the curve stays drawn."""
-    keys = ["loss", "se_txt", "se_img", "rec_txt", "rec_img", "kl"]
+    keys = ["loss", "se_txt", "se_img", "rec_txt", "rec_img", "kl", "align"]
     hist: dict[str, list[float]] = {}
     for k in keys:
         vals, last = [], None

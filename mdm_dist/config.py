@@ -100,6 +100,20 @@ class ModelConfig:
     # masked token must be inferred from the caption and the visible tokens. Sampling never masks.
     image_mask_prob: float = 0.0
     image_mask_ratio: float = 0.5
+    # Self-representation alignment (REPA, Yu et al. 2024, with the model itself as the encoder):
+    # the image-token states after layer `repr_align_layer` of the pass that generates the image,
+    # through a small MLP, are pulled (negative cosine, weight `repr_align_weight`) toward the
+    # states after layer `repr_align_target_layer` of a no-grad pass that reads the clean image
+    # with the text all MASK (what captioning reads). Layers index `backbone.layers` (Mamba and
+    # attention blocks in order). 0 = off.
+    repr_align_weight: float = 0.0
+    repr_align_layer: int = 1
+    repr_align_target_layer: int = 3
+    # adaLN conditioning (DiT; SD3's timestep + pooled text vector): every block's normed input is
+    # scaled and shifted, and its residual branch gated, by a zero-initialized map of a per-sample
+    # vector: both time embeddings + the category embedding + a pooled caption embedding (a
+    # per-token MLP of the text latents, averaged). The in-sequence time/category tokens stay.
+    adaln: bool = False
     # Hybrid: one bidirectional attention block after every `attention_every` Mamba blocks
     attention_every: int = 0  # 0 = pure Mamba (the paper's configs)
     attn_heads: int = 4
@@ -373,6 +387,17 @@ def _check(cfg: Config, where: str) -> None:
                           "(0 = no masked-token training)")
     if not 0.0 < m.image_mask_ratio < 1.0:
         raise ConfigError(f"{where}: 'model.image_mask_ratio' = {m.image_mask_ratio}; it must lie in (0, 1)")
+    if not (m.repr_align_weight >= 0.0 and math.isfinite(m.repr_align_weight)):
+        raise ConfigError(f"{where}: 'model.repr_align_weight' = {m.repr_align_weight}; it must be a finite "
+                          "number >= 0 (0 = no representation alignment)")
+    if m.repr_align_weight > 0:
+        n_layers = m.n_layers + (max(0, (m.n_layers - 1) // m.attention_every) if m.attention_every else 0)
+        for key in ("repr_align_layer", "repr_align_target_layer"):
+            k = getattr(m, key)
+            if not 0 <= k < n_layers:
+                raise ConfigError(f"{where}: 'model.{key}' = {k}; allowed values: 0 .. {n_layers - 1} "
+                                  f"(the index of a block in backbone.layers: {n_layers} Mamba and attention "
+                                  "blocks in order)")
     for key in ("image_time_power", "text_time_power"):
         k = getattr(d, key)
         if not (k > 0.0 and math.isfinite(k)):

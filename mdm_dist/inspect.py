@@ -47,6 +47,8 @@ def component_params(model) -> "OrderedDict[str, int]":
             add(f"vae.{sub}", n)
         elif ".mixers." in name:
             add("backbone.mamba_mixers", n)
+        elif ".ada." in name or name.startswith("backbone.txt_pool"):
+            add("backbone.adaln", n)
         elif name.startswith("backbone.layers.") and ".norm." in name:
             add("backbone.block_norms", n)
         elif name.startswith("backbone.layers."):

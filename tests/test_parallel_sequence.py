@@ -23,7 +23,7 @@ BASE = [
 CASES = {
     "groups_replicated": ["model.ngroups=1", "model.self_condition=true"],  # sp % ngroups == 0; + img_sc
     "groups_split_hybrid": ["model.ngroups=2", "model.attention_every=1", "model.attn_heads=4",  # + Ulysses
-                            "model.image_mask_prob=0.5"],  # + img_keep
+                            "model.image_mask_prob=0.5", "model.adaln=true"],  # + img_keep, adaLN
 }
 
 
@@ -44,17 +44,21 @@ def _inputs(cfg, b=2):
     return inp
 
 
-def _loss_and_grads(model, inp):
+def _loss_and_grads(model, inp, hidden_at=()):
     model.zero_grad()
-    txt, img = model.backbone(**inp)
+    txt, img, *hidden = model.backbone(**inp, hidden_at=hidden_at)
     g = torch.Generator().manual_seed(2)
     loss = (txt * torch.randn(txt.shape, generator=g, dtype=txt.dtype)).sum() + \
         (img * torch.randn(img.shape, generator=g, dtype=img.dtype)).sum()
+    for i in hidden_at:  # representation alignment reads the image tokens' states between layers
+        h = hidden[0][i]
+        loss = loss + (h * torch.randn(h.shape, generator=g, dtype=h.dtype)).sum()
+        img = torch.cat([img, h], dim=-1)
     loss.backward()
     return txt.detach(), img.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def _sp_worker(rank, world, case):
+def _sp_worker(rank, world, case, hidden_at=()):
     torch.manual_seed(0)
     cfg = load_config(None, BASE + CASES[case])
     model = build_model(cfg, dtype=torch.float64)
@@ -62,13 +66,16 @@ def _sp_worker(rank, world, case):
         for head in (model.backbone.txt_out, model.backbone.img_out, model.backbone.img_sc_in):
             if head is not None:  # (img_sc_in: self-conditioning's input, zero-initialized too)
                 head.weight.normal_(std=0.1)
+        for name, p in model.named_parameters():  # adaLN's maps, zero-initialized too
+            if ".ada." in name:
+                p.normal_(std=0.1)
     inp = _inputs(cfg)
-    ref_txt, ref_img, ref_grads = _loss_and_grads(model, inp)
+    ref_txt, ref_img, ref_grads = _loss_and_grads(model, inp, hidden_at)
 
     groups = build_groups(2)
     sp_model = apply_sequence_parallel(copy.deepcopy(model), groups.sp_group)
     assert [n for n, _ in sp_model.named_parameters()] == [n for n, _ in model.named_parameters()]
-    txt, img, grads = _loss_and_grads(sp_model, inp)
+    txt, img, grads = _loss_and_grads(sp_model, inp, hidden_at)
     torch.testing.assert_close(txt, ref_txt, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(img, ref_img, rtol=1e-10, atol=1e-10)
     assert grads.keys() == ref_grads.keys()
@@ -81,3 +88,10 @@ def _sp_worker(rank, world, case):
 @pytest.mark.parametrize("case", list(CASES))
 def test_sequence_parallel_matches_single_rank(case):
     spawn(_sp_worker, case)
+
+
+def test_sequence_parallel_hidden_states_match_single_rank():
+    """The states between layers that representation alignment reads (``hidden_at``: after the
+    first Mamba block and after the attention block) come back whole, with the gradients of one
+    rank."""
+    spawn(_sp_worker, "groups_split_hybrid", (0, 1))

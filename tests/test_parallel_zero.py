@@ -37,10 +37,18 @@ class LossModel(nn.Module):
         vae = self.mdm.vae
         mu_t, logvar_t = vae.encode_text(ids)
         mu_i, _ = vae.encode_image(pixels)
-        txt_out, img_out = self.mdm(mu_t, mu_i, t, 1.0 - t, category)  # per sample: DP-split safe
+        bb = self.mdm.backbone
+        if bb.align_proj is None:
+            txt_out, img_out = self.mdm(mu_t, mu_i, t, 1.0 - t, category)  # per sample: DP-split safe
+            align = 0.0
+        else:  # representation alignment's calls: a no-grad pass, states between layers, the projector
+            with torch.no_grad():
+                _, _, target = bb(mu_t, mu_i, torch.ones_like(t), torch.zeros_like(t), category, hidden_at=(2,))
+            txt_out, img_out, hidden = bb(mu_t, mu_i, t, 1.0 - t, category, hidden_at=(0,))
+            align = (1.0 - F.cosine_similarity(bb.align_proj(hidden[0]), target[2], dim=-1)).mean()
         logits = vae.decode_text(mu_t + txt_out)
         return (F.cross_entropy(logits.flatten(0, 1), ids.flatten()) + (img_out - mu_i).square().mean()
-                + 1e-3 * vae.kl(mu_t, logvar_t).mean())
+                + 1e-3 * vae.kl(mu_t, logvar_t).mean() + align)
 
 
 def _batch(cfg, n=4):
@@ -117,6 +125,24 @@ def _zero_worker(rank, world, steps):
         losses = _zero_losses(case_cfg, batch, world, steps, **kw)
         torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref), rtol=2e-5, atol=2e-6,
                                    msg=lambda m, name=name: f"{name}: {losses} vs {ref}: {m}")
+
+
+def _zero_align_worker(rank, world, steps):
+    cfg = load_config(None, TINY + ["model.repr_align_weight=1.0", "model.repr_align_target_layer=2", "model.adaln=true",
+                                    "parallel.sequence_parallel=2",
+                                    "train.micro_batch_size=4"])
+    batch = _batch(cfg)
+    ref = _reference_losses(cfg, batch, steps)
+    losses = _zero_losses(cfg, batch, world, steps, ac="every", sp=2)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(ref), rtol=2e-5, atol=2e-6)
+
+
+def test_zero3_representation_alignment_and_adaln_match_one_process():
+    """Representation alignment's pieces under ZeRO-3 + SP 2 + checkpointing: a no-grad call,
+    states between layers gathered whole, and the projector called outside the backbone's
+    forward (its parameters gathered by its own hooks), with adaLN's conditioning passed to
+    every (checkpointed) block, train as in one process."""
+    spawn(_zero_align_worker, 2)
 
 
 def test_zero3_first_loss_matches_one_process():

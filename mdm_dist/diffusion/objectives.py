@@ -294,6 +294,11 @@ def mdm_loss(
         * ``se_img``: w(t) * eps MSE (w from :func:`dsm_image_weight` under ``se``, 1 under
           ``ddpm``), mean over samples whose image is generated (joint, t2i). Omitted when every
           sample is i2t.
+        * ``align`` (``model.repr_align_weight`` > 0; docs/model.md item 12): 1 - cosine between
+          the projected image-token states after ``repr_align_layer`` of the trained call and,
+          from a no-grad call on the clean image with the text all MASK, the states after
+          ``repr_align_target_layer``; mean over image tokens and over samples whose image is
+          generated. Enters ``total`` as ``repr_align_weight * align``.
         * ``total`` = lambda_rec_img rec_img + lambda_rec_txt rec_txt + beta_kl kl
           + lambda_se (se_txt + se_img) over the present terms. An omitted diffusion term still
           enters ``total`` as an exact 0 so every parameter stays in the autograd graph (ZeRO /
@@ -328,6 +333,7 @@ def mdm_loss(
     drop_txt, drop_img = drop & is_t2i, drop & is_i2t
     t_txt = torch.where(drop_txt, torch.ones_like(t_txt), t_txt)
     t_img = torch.where(drop_img, torch.ones_like(t_img), t_img)
+    category_given = category
     category = torch.where(drop, torch.full_like(category, cfg.model.num_categories), category)
     mask_noise = fixed["mask_noise"].to(device) if "mask_noise" in fixed else _uniform((b, L), generator, device)
 
@@ -391,7 +397,20 @@ def mdm_loss(
         u_sc = fixed["sc"].to(device) if "sc" in fixed else _uniform((b,), generator, device)
         use_sc = (u_sc < 0.5) & img_active
         bb_kw["img_sc"] = torch.where(use_sc[:, None, None], x0_est, torch.zeros_like(x0_est)).to(z_img.dtype)
-    txt_out, img_out = backbone(z_txt, z_img, t_txt, t_img, category, **bb_kw)
+    align_w = cfg.model.repr_align_weight
+    if align_w > 0:
+        # representation alignment: the target is what the model makes of the clean image when it
+        # reads it to caption it (text all MASK, the category as given), without gradient, for the
+        # samples whose image is generated (one sample if none: every rank makes the call)
+        sel = img_active.nonzero().flatten()
+        sel = sel if sel.numel() else torch.zeros(1, dtype=torch.long, device=device)
+        with torch.no_grad():
+            z_masked = vae.encode_text(torch.full_like(ids[sel], v.mask_id))[0]
+            _, _, target = backbone(z_masked.to(z_txt.dtype), z0_img[sel].detach().to(z_img.dtype),
+                                    torch.ones_like(t_txt[sel]), torch.zeros_like(t_img[sel]), category_given[sel],
+                                    hidden_at=(cfg.model.repr_align_target_layer,))
+        bb_kw["hidden_at"] = (cfg.model.repr_align_layer,)
+    txt_out, img_out, *hidden = backbone(z_txt, z_img, t_txt, t_img, category, **bb_kw)
 
     # -- text diffusion term -----------------------------------------------------------------
     if d.text_process == "absorbing":
@@ -436,6 +455,14 @@ def mdm_loss(
     if bool(img_active.any()):
         out["se_img"] = se_img
     total = d.lambda_rec_txt * out["rec_txt"] + v.beta_kl * out["kl"] + d.lambda_se * (se_txt + se_img)
+    if align_w > 0:
+        # 1 - cos(projected states, target states), mean over image tokens, over samples whose
+        # image is generated (an exact 0 in the graph when there are none, as for se_img)
+        proj = backbone.align_proj(hidden[0][cfg.model.repr_align_layer][sel])
+        tgt = target[cfg.model.repr_align_target_layer]
+        cos = F.cosine_similarity(proj.float(), tgt.float(), dim=-1)  # (S, N)
+        out["align"] = _masked_mean(1.0 - cos.mean(-1), img_active[sel])
+        total = total + align_w * out["align"]
     if "rec_img" in out:
         total = total + d.lambda_rec_img * out["rec_img"]
     out["total"] = total

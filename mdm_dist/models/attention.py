@@ -69,11 +69,16 @@ class SelfAttention(nn.Module):
 
 
 class AttentionBlock(nn.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)).
+
+    ``adaln``: the block also takes a per-sample conditioning vector ``cond`` (B, d_model) and
+    modulates both halves, DiT's adaLN with a zero-initialized map: ``norm(x) (1 + scale) + shift``
+    in, ``(1 + gate)`` on the residual branch; at initialization the block computes as without."""
 
     def __init__(self, d_model: int, n_heads: int, mlp_ratio: float = 4.0, eps: float = 1e-5,
-                 device=None, dtype=None):
+                 adaln: bool = False, device=None, dtype=None):
         super().__init__()
+        self.ada = nn.Linear(d_model, 6 * d_model, device=device, dtype=dtype) if adaln else None
         hidden = int(mlp_ratio * d_model)
         self.norm1 = nn.RMSNorm(d_model, eps=eps, device=device, dtype=dtype)
         self.attn = SelfAttention(d_model, n_heads, device=device, dtype=dtype)
@@ -84,6 +89,19 @@ class AttentionBlock(nn.Module):
             nn.Linear(hidden, d_model, device=device, dtype=dtype),
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
+    def reset_parameters(self) -> None:
+        if self.ada is not None:
+            nn.init.zeros_(self.ada.weight)
+            nn.init.zeros_(self.ada.bias)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        if self.ada is None:
+            if cond is not None:
+                raise ValueError("cond given to an AttentionBlock built without adaln")
+            x = x + self.attn(self.norm1(x))
+            return x + self.mlp(self.norm2(x))
+        if cond is None:
+            raise ValueError("an AttentionBlock built with adaln needs cond (B, d_model)")
+        sh1, sc1, g1, sh2, sc2, g2 = self.ada(F.silu(cond)).unsqueeze(1).chunk(6, dim=-1)
+        x = x + (1 + g1) * self.attn(self.norm1(x) * (1 + sc1) + sh1)
+        return x + (1 + g2) * self.mlp(self.norm2(x) * (1 + sc2) + sh2)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mdm_dist.config import ModelConfig, VAEConfig
@@ -85,13 +86,29 @@ class MambaBlock(nn.Module):
         self.combine = cfg.direction_combine
         self.stack_directions = stack_directions
         self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps, device=device, dtype=dtype)
+        # adaLN (model.adaln): shift, scale of the normed input and the branch's gate, from cond
+        self.ada = nn.Linear(cfg.d_model, 3 * cfg.d_model, device=device, dtype=dtype) if cfg.adaln else None
         n_mixers = 1 if cfg.share_direction_weights else len(directions)
         self.mixers = nn.ModuleList(
             [Mamba2Mixer.from_config(cfg, device=device, dtype=dtype) for _ in range(n_mixers)]
         )
 
-    def forward(self, x: torch.Tensor, orders: dict[str, torch.Tensor]) -> torch.Tensor:
+    def reset_parameters(self) -> None:
+        if self.ada is not None:  # zero: the block starts as without adaLN
+            nn.init.zeros_(self.ada.weight)
+            nn.init.zeros_(self.ada.bias)
+
+    def forward(self, x: torch.Tensor, orders: dict[str, torch.Tensor],
+                cond: torch.Tensor | None = None) -> torch.Tensor:
         h = self.norm(x)
+        gate = None
+        if self.ada is not None:
+            if cond is None:
+                raise ValueError("a MambaBlock built with model.adaln needs cond (B, d_model)")
+            shift, scale, gate = self.ada(F.silu(cond)).unsqueeze(1).chunk(3, dim=-1)
+            h = h * (1 + scale) + shift
+        elif cond is not None:
+            raise ValueError("cond given to a MambaBlock built without model.adaln")
         backend = self._stacked_backend(h)
         if backend is not None:
             out = mixers_forward_stacked(self.mixers, h, [orders[name] for name in self.directions],
@@ -104,7 +121,7 @@ class MambaBlock(nn.Module):
                 out = y if out is None else out + y
         if self.combine == "mean" and len(self.directions) > 1:
             out = out / len(self.directions)
-        return x + out
+        return x + (out if gate is None else (1 + gate) * out)
 
     def _stacked_backend(self, h: torch.Tensor) -> str | None:
         """``triton`` when the directions can run stacked (see the class docstring), else None."""
@@ -151,7 +168,7 @@ class MDMBackbone(nn.Module):
             layers.append(MambaBlock(cfg, block_dirs, **kw))
             self.layer_kinds.append("mamba")
             if cfg.attention_every and (i + 1) % cfg.attention_every == 0 and i + 1 < cfg.n_layers:
-                layers.append(AttentionBlock(d, cfg.attn_heads, eps=cfg.norm_eps, **kw))
+                layers.append(AttentionBlock(d, cfg.attn_heads, eps=cfg.norm_eps, adaln=cfg.adaln, **kw))
                 self.layer_kinds.append("attn")
         self.layers = nn.ModuleList(layers)
         # U-ViT long skips: the output of Mamba block i (first half) feeds block n-1-i (second half).
@@ -160,6 +177,17 @@ class MDMBackbone(nn.Module):
         self.norm_out = nn.RMSNorm(d, eps=cfg.norm_eps, **kw)
         self.txt_out = nn.Linear(d, d_z, **kw)
         self.img_out = nn.Linear(d, d_z, **kw)
+        # adaLN's pooled caption: a per-token MLP of the text latents (plus their positions),
+        # averaged over the text tokens (SD3's pooled text embedding, from our own latents)
+        if cfg.adaln:
+            self.txt_pool_in = nn.Linear(d_z, d, **kw)
+            self.txt_pool_out = nn.Linear(d, d, **kw)
+        else:
+            self.txt_pool_in = self.txt_pool_out = None
+        # the projector of representation alignment (REPA's MLP: d -> 2d -> d, SiLU)
+        self.align_proj = nn.Sequential(
+            nn.Linear(d, 2 * d, **kw), nn.SiLU(), nn.Linear(2 * d, d, **kw),
+        ) if cfg.repr_align_weight > 0 else None
         self._orders: dict[torch.device, dict[str, torch.Tensor]] = {}
 
     # ------------------------------------------------------------------------------------------
@@ -218,11 +246,13 @@ class MDMBackbone(nn.Module):
 
     def forward(self, txt: torch.Tensor, img: torch.Tensor, t_txt: torch.Tensor, t_img: torch.Tensor,
                 category: torch.Tensor, img_sc: torch.Tensor | None = None,
-                img_keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                img_keep: torch.Tensor | None = None, hidden_at: tuple[int, ...] = ()):
         """Denoise the joint sequence. Shapes: docs/model.md; ``img_sc`` (like ``img``) the clean
         image estimate of self-conditioning (None: zeros); ``img_keep`` (B, N) bool, False where
         an image token is hidden behind the mask embedding (None: all visible).
-        Returns ``(txt_out, img_out)``."""
+        Returns ``(txt_out, img_out)``; with ``hidden_at`` (indices into ``self.layers``) also a
+        dict ``{i: (B, N, d_model)}`` of the image tokens' states after layer i (the whole
+        sequence's, also under sequence parallelism)."""
         lay = self.layout
         if txt.shape[1] != lay.text_len or img.shape[1] != lay.grid_h * lay.grid_w:
             raise ValueError(
@@ -230,25 +260,50 @@ class MDMBackbone(nn.Module):
                 f"(vae.max_text_len, vae.image_size), got {txt.shape[1]} and {img.shape[1]}"
             )
         x = self.embed(txt, img, t_txt, t_img, category, img_sc, img_keep)
+        cond = self.condition(txt, t_txt, t_img, category) if self.cfg.adaln else None
+        kw = {} if cond is None else {"cond": cond}
         orders = self.scan_orders(x.device)
         skips: list[torch.Tensor] = []
         n_skip = len(self.skip_proj)
+        for i in hidden_at:
+            if not 0 <= i < len(self.layers):
+                raise ValueError(f"hidden_at: layer {i} does not exist; allowed: 0 .. {len(self.layers) - 1}")
+        hidden: dict[int, torch.Tensor] = {}
+        img_pos = lay.image_positions().to(x.device)
         mamba_idx = 0
-        for kind, layer in zip(self.layer_kinds, self.layers):
+        for li, (kind, layer) in enumerate(zip(self.layer_kinds, self.layers)):
             if kind == "attn":
-                x = layer(x)
-                continue
-            late = mamba_idx - (self.cfg.n_layers - n_skip)  # >= 0 in the second half
-            if n_skip and late >= 0:
-                x = self.skip_proj[late](torch.cat([x, skips.pop()], dim=-1))
-            x = layer(x, orders)
-            if mamba_idx < n_skip:
-                skips.append(x)
-            mamba_idx += 1
+                x = layer(x, **kw)
+            else:
+                late = mamba_idx - (self.cfg.n_layers - n_skip)  # >= 0 in the second half
+                if n_skip and late >= 0:
+                    x = self.skip_proj[late](torch.cat([x, skips.pop()], dim=-1))
+                x = layer(x, orders, **kw)
+                if mamba_idx < n_skip:
+                    skips.append(x)
+                mamba_idx += 1
+            if li in hidden_at:
+                hidden[li] = self.whole_sequence(x)[:, img_pos]
         x = self.norm_out(x)
         txt_out = self.txt_out(x[:, lay.text_start: lay.text_start + lay.text_len])
-        img_out = self.img_out(x[:, lay.image_positions().to(x.device)])
+        img_out = self.img_out(x[:, img_pos])
+        if hidden_at:
+            return txt_out, img_out, hidden
         return txt_out, img_out
+
+    def condition(self, txt: torch.Tensor, t_txt: torch.Tensor, t_img: torch.Tensor,
+                  category: torch.Tensor) -> torch.Tensor:
+        """adaLN's per-sample conditioning vector (B, d_model): both time embeddings, the category
+        embedding and the pooled caption (``model.adaln``)."""
+        dtype = self.txt_pool_in.weight.dtype
+        h = F.silu(self.txt_pool_in(txt.to(dtype)) + self.txt_pos[: txt.shape[1]])
+        pooled = self.txt_pool_out(h).mean(dim=1)
+        return self.time_txt(t_txt) + self.time_img(t_img) + self.category(category) + pooled
+
+    def whole_sequence(self, x: torch.Tensor) -> torch.Tensor:
+        """The whole ``(B, T, d)`` sequence of a state between layers (this rank's slice of it
+        under sequence parallelism, which overrides this with a gather)."""
+        return x
 
 
 __all__ = ["MDMBackbone", "MambaBlock", "TimeEmbedding", "timestep_embedding", "NUM_PREFIX"]

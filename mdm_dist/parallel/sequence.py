@@ -236,6 +236,9 @@ class SequenceParallelBackbone(MDMBackbone):
         self._sp.seqlen = x.shape[1]
         return split_sequence(x, self._sp.group)
 
+    def whole_sequence(self, x: Tensor) -> Tensor:
+        return gather_sequence(x, self._sp.group, self._sp.seqlen)
+
 
 def _gather_after_norm_out(module: nn.Module, args, output: Tensor) -> Tensor:
     st = module._sp

@@ -22,7 +22,7 @@ from mdm_dist.config import Config, ConfigError
 from mdm_dist.diffusion import mdm_loss
 from mdm_dist.train.noise import SampleNoise, per_sample_noise
 
-LOSS_TERMS = ("total", "rec_img", "rec_txt", "kl", "se_txt", "se_img")
+LOSS_TERMS = ("total", "rec_img", "rec_txt", "kl", "se_txt", "se_img", "align")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -107,7 +107,7 @@ class MetricsLogger:
         def f(k, fmt):
             v = record.get(k)
             return "-" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, fmt)
-        terms = " ".join(f"{k}={f(k, '.4f')}" for k in ("se_txt", "se_img", "rec_txt", "kl") if record.get(k) is not None)
+        terms = " ".join(f"{k}={f(k, '.4f')}" for k in ("se_txt", "se_img", "rec_txt", "kl", "align") if record.get(k) is not None)
         mfu = f"mfu={record['mfu']:.1%} " if record.get("mfu") is not None else ""
         skip = f" SKIPPED ({record.get('skip_reason')})" if record.get("skipped") else ""
         print(f"step {record['step']:>6d}/{max_steps} loss={f('loss', '.4f')} {terms} lr={f('lr', '.2e')} "

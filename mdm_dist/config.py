@@ -329,6 +329,18 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
 
+def block_kinds(m: ModelConfig) -> list[str]:
+    """The backbone's blocks in order (``backbone.layers``): ``"mamba"`` for each of the
+    ``n_layers`` Mamba blocks, with an ``"attn"`` after every ``attention_every``-th one but the
+    last."""
+    kinds: list[str] = []
+    for i in range(m.n_layers):
+        kinds.append("mamba")
+        if m.attention_every and (i + 1) % m.attention_every == 0 and i + 1 < m.n_layers:
+            kinds.append("attn")
+    return kinds
+
+
 def _check(cfg: Config, where: str) -> None:
     """Cross-field checks that a single field's type cannot express."""
     for key in _POSITIVE_INT:
@@ -391,7 +403,7 @@ def _check(cfg: Config, where: str) -> None:
         raise ConfigError(f"{where}: 'model.repr_align_weight' = {m.repr_align_weight}; it must be a finite "
                           "number >= 0 (0 = no representation alignment)")
     if m.repr_align_weight > 0:
-        n_layers = m.n_layers + (max(0, (m.n_layers - 1) // m.attention_every) if m.attention_every else 0)
+        n_layers = len(block_kinds(m))
         for key in ("repr_align_layer", "repr_align_target_layer"):
             k = getattr(m, key)
             if not 0 <= k < n_layers:

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mdm_dist.config import ModelConfig, VAEConfig
+from mdm_dist.config import ModelConfig, VAEConfig, block_kinds
 from mdm_dist.models.attention import AttentionBlock
 from mdm_dist.models.mamba2 import Mamba2Mixer, mixers_forward_stacked
 from mdm_dist.models.scan import NUM_PREFIX, SequenceLayout, scan_orders
@@ -161,15 +161,16 @@ class MDMBackbone(nn.Module):
         self.tail_pad = nn.Parameter(torch.empty(cfg.num_tail_pad, d, **kw)) if cfg.num_tail_pad else None
 
         dirs = list(cfg.image_directions)
-        self.layer_kinds: list[str] = []
+        self.layer_kinds = block_kinds(cfg)
         layers: list[nn.Module] = []
-        for i in range(cfg.n_layers):
-            block_dirs = dirs if cfg.scan_mode == "multi" else [dirs[i % len(dirs)]]
-            layers.append(MambaBlock(cfg, block_dirs, **kw))
-            self.layer_kinds.append("mamba")
-            if cfg.attention_every and (i + 1) % cfg.attention_every == 0 and i + 1 < cfg.n_layers:
+        n_mamba = 0
+        for kind in self.layer_kinds:
+            if kind == "attn":
                 layers.append(AttentionBlock(d, cfg.attn_heads, eps=cfg.norm_eps, adaln=cfg.adaln, **kw))
-                self.layer_kinds.append("attn")
+                continue
+            block_dirs = dirs if cfg.scan_mode == "multi" else [dirs[n_mamba % len(dirs)]]
+            layers.append(MambaBlock(cfg, block_dirs, **kw))
+            n_mamba += 1
         self.layers = nn.ModuleList(layers)
         # U-ViT long skips: the output of Mamba block i (first half) feeds block n-1-i (second half).
         n_skip = cfg.n_layers // 2 if cfg.long_skip else 0

@@ -2,7 +2,7 @@
 
     python launch/demo.py [--output outputs/demo] [--quick] [--print-commands] [--force STAGE ...]
         [--num-samples N] [--vae-steps N] [--steps N] [--num-eval N] [--sample-steps N] [--guidance W]
-        [--caption-guidance W] [--dtype auto|float32|bfloat16]
+        [--caption-guidance W] [--dtype auto|float32|bfloat16] [--time-budget SECONDS]
 
 Stages, each one command of the repo (``--print-commands`` prints them all and runs nothing, so a
 user can run them by hand, one by one):
@@ -29,6 +29,12 @@ pretraining stage resumes from its last checkpoint if it was interrupted. Every 
 streams to the console. The output folder receives, beside the stage folders:
 ``text_to_image.png``, ``image_to_text.png``, ``vae_reconstructions.png``, ``captions.json``/``.md``,
 ``loss_curves.png`` and ``demo_report.json`` (stage timings, quality figures, targets, met or not).
+
+The demo keeps to ``--time-budget`` (default 1200 s, the 20-minute target): on a machine too slow
+for the configured steps, the VAE stage and pretraining train fewer, each fitting its share
+(``train.time_budget_s``: VAE_SHARE of the budget for the VAE, what is left less RESERVE_S for
+pretraining) and ending its learning-rate schedule there; ``--time-budget 0`` trains the configured
+steps however long they take. ``demo_report.json`` records the steps each stage trained.
 
 ``--quick`` is a shortened run (small corpus, few steps: minutes, for CI); its quality figures
 mean nothing. The defaults are the full demo (about 18 minutes on 2 cores); the training lengths
@@ -63,6 +69,16 @@ ONE = {"OMP_NUM_THREADS": "1"}
 # 2400 fp32 steps of configs/tiny.yaml
 BF16_STEPS = 2950
 QUICK = {"num_samples": 256, "num_eval": 16, "vae_steps": 8, "steps": 6, "sample_steps": 4}
+# The time budget (--time-budget, default the 20-minute target) on a slower machine: the VAE stage
+# may spend at most VAE_SHARE of it, and pretraining what is left after the stages before it and
+# RESERVE_S for its own start-up and export, the evaluation and the report (all four ~70 s on the
+# machine of benchmarks/demo_results.md). Each training stage fits its step count into its share
+# (train.time_budget_s, mdm_dist/train/budget.py), its schedule ending there. Where the configured
+# steps fit, nothing changes. Pretraining gets at least MIN_PRETRAIN_SHARE of the budget, even if
+# the demo then runs over it.
+VAE_SHARE = 0.2
+RESERVE_S = 150.0
+MIN_PRETRAIN_SHARE = 0.25
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -78,6 +94,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--num-eval", type=int, default=None, help="held-out prompts and images scored (default 100)")
     ap.add_argument("--vae-steps", type=int, default=None, help="VAE steps (default: configs/vae_tiny.yaml)")
     ap.add_argument("--steps", type=int, default=None, help="MDM pretraining steps (default: configs/tiny.yaml)")
+    ap.add_argument("--time-budget", type=float, default=TARGETS["total_wall_s"],
+                    help="seconds the whole demo may take (default %(default)s, the target): on a slower machine "
+                         "the VAE stage and pretraining train fewer steps so that they fit (each ends its "
+                         "learning-rate schedule there); 0 = no budget, the configured steps however long "
+                         "they take")
     ap.add_argument("--sample-steps", type=int, default=None, help="sampler steps (default: configs/tiny.yaml)")
     ap.add_argument("--guidance", type=float, default=None,
                     help="CFG scale of both modes unless --caption-guidance is given (default: configs/tiny.yaml)")
@@ -114,6 +135,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             ap.error(f"--{key.replace('_', '-')} must be > 0")
     if args.attention_every < 0:
         ap.error("--attention-every must be >= 0 (0 = pure Mamba)")
+    if not args.time_budget >= 0:
+        ap.error("--time-budget must be >= 0 seconds (0 = no budget)")
     return args
 
 
@@ -122,11 +145,23 @@ def parse_args(argv=None) -> argparse.Namespace:
 # ----------------------------------------------------------------------------------------------
 
 
-def stage_commands(args, out: Path) -> list[tuple[str, Path, list[str] | None, dict]]:
+def pretrain_budget(args, spent_s: float) -> float:
+    """``train.time_budget_s`` of pretraining when the demo has spent ``spent_s`` seconds before it
+    (0 = no budget)."""
+    if not args.time_budget:
+        return 0.0
+    return round(max(args.time_budget - spent_s - RESERVE_S, MIN_PRETRAIN_SHARE * args.time_budget), 1)
+
+
+def stage_commands(args, out: Path, spent_s: float = 0.0) -> list[tuple[str, Path, list[str] | None, dict]]:
+    """The stages; ``spent_s``: the seconds already spent when pretraining starts (its budget)."""
     corpus, tok, vae, mds, run = out / "corpus", out / "tokenizer", out / "vae", out / "mds", out / "run"
     quick_sets = (["--set", "train.save_every=0", "--set", "train.log_every=1"] if args.quick else [])
     vae_sets = ["--set", f"train.max_steps={args.vae_steps}"] if args.vae_steps else []
     mdm_sets = ["--set", f"train.max_steps={args.steps}"] if args.steps else []
+    if args.time_budget:
+        vae_sets += ["--set", f"train.time_budget_s={round(VAE_SHARE * args.time_budget, 1)}"]
+        mdm_sets += ["--set", f"train.time_budget_s={pretrain_budget(args, spent_s)}"]
     sample_flags = ((["--steps", str(args.sample_steps)] if args.sample_steps else [])
                     + (["--guidance", str(args.guidance)] if args.guidance is not None else [])
                     + (["--caption-guidance", str(args.caption_guidance)] if args.caption_guidance is not None else []))
@@ -244,6 +279,11 @@ def write_report(args, out: Path, timings: dict) -> dict:
     encode = json.loads((out / "mds" / "encode_report.json").read_text()) if (out / "mds" / "encode_report.json").is_file() else {}
     total = sum(t["seconds"] for t in timings.values())
     steps = [r for r in metrics if r.get("step_time_s") is not None]
+    run_train = {}
+    if (run / "config.yaml").is_file():
+        import yaml
+
+        run_train = (yaml.safe_load((run / "config.yaml").read_text()) or {}).get("train", {})
     report = {
         "command": "python launch/demo.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         "quick": args.quick,
@@ -265,10 +305,14 @@ def write_report(args, out: Path, timings: dict) -> dict:
             "captioning": quality["captioning"] >= TARGETS["captioning"],
             "total_wall_s": total <= TARGETS["total_wall_s"],
         },
-        "vae": {k: vae_metrics["metrics"].get(k) for k in ("psnr", "token_acc", "caption_token_acc")},
+        "time_budget_s": args.time_budget or None,
+        "vae": {**{k: vae_metrics["metrics"].get(k) for k in ("psnr", "token_acc", "caption_token_acc")},
+                **{k: vae_metrics.get(k) for k in ("steps", "configured_steps", "time_budget_s")}},
         "encode": {k: encode.get(k) for k in ("seen", "written", "skipped")},
         "pretrain": {
             "steps": len(metrics),
+            "configured_steps": run_train.get("max_steps"),
+            "time_budget_s": run_train.get("time_budget_s"),
             "first_loss": metrics[0].get("loss") if metrics else None,
             "last_loss": metrics[-1].get("loss") if metrics else None,
             "mean_step_time_s": sum(r["step_time_s"] for r in steps) / len(steps) if steps else None,
@@ -298,6 +342,9 @@ def main(argv=None) -> int:
     stages = stage_commands(args, out)
     if args.print_commands:
         print(f"# the demo's stages; run from {REPO}")
+        if args.time_budget:
+            print(f"# pretrain's train.time_budget_s below assumes the stages before it took no time; the demo "
+                  f"passes what is left of --time-budget {args.time_budget:g} s when it starts, less {RESERVE_S:g} s")
         for name, _, cmd, env in stages:
             print(f"# {name}\n{shell_line(cmd, env)}" if cmd else f"# {name}: written by launch/demo.py itself")
         return 0
@@ -316,6 +363,12 @@ def main(argv=None) -> int:
         if i >= forced or name in ("evaluate", "report"):
             clear(done, out)  # a rerun starts clean (an unfinished stage resumes instead)
         forced = min(forced, i)  # a stage that runs makes every later stage's output stale
+        if name == "pretrain":  # its budget: what the stages before it left of --time-budget
+            spent = sum(t["seconds"] for k, t in timings.items() if STAGES.index(k) < i)
+            name, done, cmd, env = stage_commands(args, out, spent_s=spent)[i]
+            print(f"\n=== pretrain time budget: {pretrain_budget(args, spent):.0f} s of the training loop "
+                  f"({spent:.0f} s spent before it, {RESERVE_S:.0f} s kept for start-up, evaluation and report)"
+                  if args.time_budget else "=== no time budget (--time-budget 0)", flush=True)
         print(f"\n=== [{i + 1}/{len(stages)}] {name}" + (f": {shell_line(cmd, env)}" if cmd else ""), flush=True)
         t0 = time.time()
         if name == "report":

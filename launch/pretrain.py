@@ -90,13 +90,14 @@ def main(argv=None) -> int:
 
     from mdm_dist.data.loader import loader_from_config, prepare_streaming_env
     from mdm_dist.parallel.groups import ParallelLayoutError
+    from mdm_dist.train.budget import StepBudget
     from mdm_dist.train.checkpoint import export_weights, load_checkpoint, resolve_resume, save_checkpoint
     from mdm_dist.train.ema import EMA
     from mdm_dist.train.engine import build_training, init_distributed, train_step
     from mdm_dist.train.metrics import MetricsLogger, memory_gb, peak_flops, train_flops_per_sample
     from mdm_dist.train.preempt import PreemptionFlag
     from mdm_dist.train.samples import Decoder, training_samples
-    from mdm_dist.train.schedule import lr_from_config
+    from mdm_dist.train.schedule import lr_at
 
     device = init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -118,11 +119,20 @@ def main(argv=None) -> int:
     prepare_streaming_env()
     _, loader = loader_from_config(cfg)
     ema = EMA(tr.mdm, t.ema_decay, warmup=t.ema_warmup)
+
+    def max_over_ranks(values):
+        buf = torch.tensor(list(values), dtype=torch.float64)
+        dist.all_reduce(buf, op=dist.ReduceOp.MAX)
+        return buf.tolist()
+
+    budget = StepBudget(t.time_budget_s, t.max_steps, reduce=max_over_ranks)
     step = 0
     found = resolve_resume(args.resume, ckpt_dir) if args.resume else None
     if found is not None:
-        step, loader_state, _ = load_checkpoint(engine, *found, ema)
+        step, loader_state, _, extra = load_checkpoint(engine, *found, ema)
         loader.load_state_dict(loader_state)
+        if "budget" in extra:
+            budget.load_state_dict(extra["budget"])
         if rank == 0:
             print(f"resumed from {found[0]}/{found[1]} at step {step}", flush=True)
     metrics = MetricsLogger(run_dir, cfg, rank, resume=found is not None)
@@ -136,17 +146,19 @@ def main(argv=None) -> int:
               f"{tr.seq_len} tokens/sample, run dir {run_dir}", flush=True)
 
     def save(at_step: int) -> None:
-        save_checkpoint(engine, ckpt_dir, at_step, cfg.to_dict(), loader.state_dict(), ema)
+        save_checkpoint(engine, ckpt_dir, at_step, cfg.to_dict(), loader.state_dict(), ema,
+                        extra={"budget": budget.state_dict(time.perf_counter())})
         if rank == 0:
             print(f"saved checkpoint {ckpt_dir}/step_{at_step:08d}", flush=True)
 
     batches = batch_stream(loader)
     bad_streak = bad_total = 0
     last_saved = step
-    while step < t.max_steps:
+    budget.start(time.perf_counter())
+    while step < budget.max_steps:
         t0 = time.perf_counter()
         micro = [next(batches) for _ in range(gas)]
-        lr = lr_from_config(step, t)
+        lr = lr_at(step, t.lr, t.min_lr, t.warmup_steps, budget.max_steps)
         res = train_step(tr, cfg, micro, step, lr)
         if res.skipped:
             bad_streak, bad_total = bad_streak + 1, bad_total + 1
@@ -165,8 +177,11 @@ def main(argv=None) -> int:
                   "mem_gb": memory_gb(device), "step_time_s": dt, "skipped": res.skipped,
                   "skip_reason": res.reason or None, "bad_steps": bad_total, "bad_streak": bad_streak}
         metrics.log(record)
-        if step == 1 or step % t.log_every == 0 or res.skipped or step == t.max_steps:
-            metrics.console(record, t.max_steps)
+        decided = budget.after_step(step, dt, time.perf_counter())
+        if decided and rank == 0:
+            print(decided, flush=True)
+        if step == 1 or step % t.log_every == 0 or res.skipped or step == budget.max_steps:
+            metrics.console(record, budget.max_steps)
         if bad_streak >= t.max_bad_steps:
             if rank == 0:
                 print(f"pretrain.py: stopping at step {step}: {bad_streak} non-finite steps in a row "
@@ -188,6 +203,12 @@ def main(argv=None) -> int:
                       "continue with --resume auto", flush=True)
             metrics.close()
             return 0
+        if budget.spent(step, time.perf_counter()):
+            if rank == 0:
+                print(f"time budget of {t.time_budget_s:.0f} s spent at step {step} of {budget.max_steps}: stopping "
+                      "here (the learning rate had not finished its decay); the run is saved and exported as at "
+                      "its end", flush=True)
+            break
     if last_saved != step:
         save(step)
     export_weights(tr.mdm, ema, run_dir / "export", cfg)

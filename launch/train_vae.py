@@ -17,7 +17,8 @@ What it does:
    the captions into OUTPUT/tokenizer (vocabulary <= vae.vocab_size);
 3. holds out ``--val-samples`` samples, trains ``train.max_steps`` AdamW steps with linear warmup
    and cosine decay (``train.lr`` -> ``train.min_lr``), batch ``train.global_batch_size``
-   (``micro_batch_size`` per step per rank, gradients accumulated);
+   (``micro_batch_size`` per step per rank, gradients accumulated); with ``train.time_budget_s``
+   fewer, if they do not fit in that many seconds (mdm_dist/train/budget.py);
 4. measures the per-dimension mean and std of the training images' latents and stores them in the
    VAE (``UnifiedVAE.set_image_latent_stats``): ``encode_image`` then gives the diffusion
    backbone unit-variance latents, ``decode_image`` undoes it;
@@ -50,6 +51,7 @@ from mdm_dist.data.raw import (  # noqa: E402
 from mdm_dist.data.tokenizer import CaptionTokenizer, train_tokenizer  # noqa: E402
 from mdm_dist.data.vae_checkpoint import save_vae_checkpoint  # noqa: E402
 from mdm_dist.models.vae import UnifiedVAE  # noqa: E402
+from mdm_dist.train.budget import StepBudget  # noqa: E402
 
 
 def load_corpus(paths: list[str], image_size: int, quiet: bool = False) -> tuple[np.ndarray, list[str], dict[str, int]]:
@@ -73,11 +75,13 @@ def load_corpus(paths: list[str], image_size: int, quiet: bool = False) -> tuple
     return np.stack(images), captions, skipped
 
 
-def lr_at(step: int, cfg) -> float:
+def lr_at(step: int, cfg, max_steps: int | None = None) -> float:
+    """Linear warmup, then cosine to ``min_lr`` at ``max_steps`` (default ``train.max_steps``)."""
     t = cfg.train
+    max_steps = t.max_steps if max_steps is None else max_steps
     if step < t.warmup_steps:
         return t.lr * (step + 1) / t.warmup_steps
-    frac = (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps)
+    frac = (step - t.warmup_steps) / max(1, max_steps - t.warmup_steps)
     return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * min(1.0, frac)))
 
 
@@ -188,12 +192,23 @@ def main(argv=None) -> int:
     opt = torch.optim.AdamW(vae.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=0.0)
     accum = max(1, t.global_batch_size // (t.micro_batch_size * world))
     gen = torch.Generator().manual_seed(t.seed * 1000 + rank)  # each rank draws its own batches
+    def max_over_ranks(values):
+        if world == 1:
+            return values
+        buf = torch.tensor(list(values), dtype=torch.float64)
+        torch.distributed.all_reduce(buf, op=torch.distributed.ReduceOp.MAX)
+        return buf.tolist()
+
+    budget = StepBudget(t.time_budget_s, t.max_steps, reduce=max_over_ranks)
     t0 = time.time()
-    bar = tqdm(range(t.max_steps), desc="VAE", unit="step", disable=rank != 0)
+    bar = tqdm(total=t.max_steps, desc="VAE", unit="step", disable=rank != 0)
     history = []
-    for step in bar:
+    step = 0
+    budget.start(time.perf_counter())
+    while step < budget.max_steps:
+        t_step = time.perf_counter()
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
+            group["lr"] = lr_at(step, cfg, budget.max_steps)
         opt.zero_grad(set_to_none=True)
         for _ in range(accum):
             idx = train[torch.randint(0, len(train), (t.micro_batch_size,), generator=gen)]
@@ -205,9 +220,23 @@ def main(argv=None) -> int:
         if t.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(vae.parameters(), t.grad_clip)
         opt.step()
-        if step % max(1, t.log_every) == 0 or step == t.max_steps - 1:
+        if step % max(1, t.log_every) == 0 or step == budget.max_steps - 1:
             history.append({"step": step, **{k: float(terms[k].detach()) for k in ("total", "rec_img", "rec_txt", "kl", "psnr", "token_acc")}})
             bar.set_postfix(psnr=f"{terms['psnr'].item():.1f}", acc=f"{terms['token_acc'].item():.2f}")
+        step += 1
+        bar.update(1)
+        decided = budget.after_step(step, time.perf_counter() - t_step, time.perf_counter())
+        if decided:
+            bar.total = budget.max_steps
+            bar.refresh()
+            if rank == 0:
+                tqdm.write(decided)
+        if budget.spent(step, time.perf_counter()):
+            if rank == 0:
+                tqdm.write(f"time budget of {t.time_budget_s:.0f} s spent at step {step} of {budget.max_steps}: "
+                           "stopping here")
+            break
+    bar.close()
     timings["train_s"] = time.time() - t0
     replica_sums = None
     if world > 1:  # DDP keeps replicas equal; check it cheaply before rank 0 saves its copy
@@ -217,7 +246,7 @@ def main(argv=None) -> int:
         if not all(torch.equal(s, sums[0]) for s in sums):
             raise RuntimeError(f"VAE replicas diverged across ranks: parameter sums {[float(s) for s in sums]}")
         replica_sums = [float(s) for s in sums]
-    timings["steps_per_s"] = t.max_steps / max(timings["train_s"], 1e-9)
+    timings["steps_per_s"] = step / max(timings["train_s"], 1e-9)
 
     if rank == 0:
         from mdm_dist.viz import image_grid
@@ -233,11 +262,12 @@ def main(argv=None) -> int:
             recon = vae.decode_image(vae.encode_image(show)[0]).clamp(-1, 1)
         image_grid(torch.cat([show, recon]), out / "vae_reconstructions.png", ncol=8,
                    title=f"held-out: real (top), reconstruction (bottom); PSNR {metrics['psnr']:.1f} dB")
-        ckpt = save_vae_checkpoint(out / "vae.pt", vae, cfg, tok_dir, t.max_steps, metrics)
+        ckpt = save_vae_checkpoint(out / "vae.pt", vae, cfg, tok_dir, step, metrics)
         dump_config(cfg, out / "config.yaml")
         report = {"metrics": metrics, "train_samples": len(train), "val_samples": n_val, "skipped": skipped,
                   "world_size": world, "replica_param_sums": replica_sums, "tokenizer": str(tok_dir.resolve()),
-                  "tokenizer_vocab": tok.vocab_size, "timings": timings, "history": history}
+                  "tokenizer_vocab": tok.vocab_size, "timings": timings, "history": history,
+                  "steps": step, "configured_steps": t.max_steps, "time_budget_s": t.time_budget_s}
         (out / "vae_metrics.json").write_text(json.dumps(report, indent=2) + "\n")
         print(json.dumps({"metrics": metrics, "timings": timings}, indent=2))
         print(f"wrote {ckpt}, {out}/vae_reconstructions.png, {out}/vae_metrics.json")

@@ -187,6 +187,10 @@ class TrainConfig:
     save_every: int = 500
     sample_every: int = 1000
     max_bad_steps: int = 5
+    # Wall-clock budget of the training loop in seconds (0 = none). The run times its first steps,
+    # then trains min(max_steps, what fits) steps with its learning-rate schedule ending there; the
+    # chosen count is saved in checkpoints, so a resumed run keeps it (mdm_dist/train/budget.py).
+    time_budget_s: float = 0.0
     # vae.pt of launch/train_vae.py: the MDM's UnifiedVAE starts from it (its vae section must
     # equal this config's); empty = a randomly initialized VAE (smoke tests only: the stored image
     # latents then come from a different VAE than the one pretraining decodes with).
@@ -418,6 +422,9 @@ def _check(cfg: Config, where: str) -> None:
     if not d.text_temperature >= 0.0:
         raise ConfigError(f"{where}: 'diffusion.text_temperature' = {d.text_temperature}; it must be >= 0 "
                           "(1 = exact sampling, 0 = greedy)")
+    if not (cfg.train.time_budget_s >= 0.0 and math.isfinite(cfg.train.time_budget_s)):
+        raise ConfigError(f"{where}: 'train.time_budget_s' = {cfg.train.time_budget_s}; it must be a finite number "
+                          "of seconds >= 0 (0 = no budget: train.max_steps steps)")
     if cfg.train.global_batch_size % cfg.train.micro_batch_size:
         raise ConfigError(
             f"{where}: 'train.global_batch_size' must be a multiple of 'train.micro_batch_size'"

@@ -79,7 +79,9 @@ def test_train_vae_bad_arguments_exit_2(tmp_path):
 def test_train_vae_under_deepspeed_launcher_two_ranks(tmp_path):
     """``deepspeed --num_accelerators 2 launch/train_vae.py``: exits 0, rank 0 writes a checkpoint
     the encoder's loader reads, and the ranks' replicas ended equal (the script all-gathers each
-    rank's parameter sum, fails on a mismatch and records them in vae_metrics.json)."""
+    rank's parameter sum, fails on a mismatch and records them in vae_metrics.json). With a time
+    budget far too small for its 30 steps, both ranks stop together at the budget's first check
+    (step 10)."""
     from mdm_dist.data.vae_checkpoint import load_vae_checkpoint
 
     assert _script("data_prep/make_demo_data.py").main(
@@ -91,7 +93,7 @@ def test_train_vae_under_deepspeed_launcher_two_ranks(tmp_path):
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_accelerators", "2", "--master_port", str(port),
            str(ROOT / "launch/train_vae.py"), "--config", str(ROOT / "configs/vae_tiny.yaml"),
            "--data", str(tmp_path / "demo"), "--output", str(out), "--val-samples", "8"]
-    for s in TINY + ["train.max_steps=3"]:
+    for s in TINY + ["train.max_steps=30", "train.time_budget_s=0.001"]:
         cmd += ["--set", s]
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT),
                TORCH_EXTENSIONS_DIR=str(ROOT / ".cache" / "torch_extensions"),
@@ -105,7 +107,9 @@ def test_train_vae_under_deepspeed_launcher_two_ranks(tmp_path):
     assert metrics["train_samples"] == 32 and metrics["metrics"]["num_samples"] == 8
     assert 0 < metrics["metrics"]["psnr"] < 60 and 0 <= metrics["metrics"]["token_acc"] <= 1
     vae, cfg, ckpt = load_vae_checkpoint(out / "vae.pt")
-    assert ckpt["step"] == 3 and cfg.vae.image_size == 16
+    assert ckpt["step"] == 10 and cfg.vae.image_size == 16
+    assert (metrics["steps"], metrics["configured_steps"], metrics["time_budget_s"]) == (10, 30, 0.001)
+    assert "time budget of 0 s spent at step 10" in proc.stdout + proc.stderr
     assert abs(sum(float(p.detach().double().sum()) for p in vae.parameters()) - sums[0]) < 1e-6 * max(1.0, abs(sums[0]))
     assert (out / "vae_reconstructions.png").is_file() and (out / "tokenizer" / "tokenizer.model").is_file()
 

@@ -76,6 +76,26 @@ def test_dtype_auto_follows_the_cpu_and_bf16_buys_steps(monkeypatch):
     assert "train.dtype=bfloat16" in cmds["pretrain"] and f"train.max_steps={demo.BF16_STEPS}" in cmds["pretrain"]
 
 
+def test_time_budget_splits_the_20_minutes_between_the_training_stages():
+    """--time-budget (default the 20-minute target): the VAE stage gets VAE_SHARE of it, pretraining
+    what the stages before it left less RESERVE_S, at least MIN_PRETRAIN_SHARE; 0 = no budgets."""
+    demo = _demo_module()
+    a = demo.parse_args([])
+    assert a.time_budget == 1200 == demo.TARGETS["total_wall_s"]
+    # hand-computed: 1200 - 250 s spent - 150 s reserve = 800 s; 0.2 x 1200 = 240 s for the VAE
+    assert (demo.RESERVE_S, demo.VAE_SHARE, demo.MIN_PRETRAIN_SHARE) == (150.0, 0.2, 0.25)
+    assert demo.pretrain_budget(a, 250.0) == 800.0
+    assert demo.pretrain_budget(a, 1100.0) == 300.0  # the floor: 0.25 x 1200
+    cmds = {name: cmd for name, _, cmd, _ in demo.stage_commands(a, ROOT / "x", spent_s=250.0)}
+    assert "train.time_budget_s=240.0" in cmds["vae"] and "train.time_budget_s=800.0" in cmds["pretrain"]
+    off = demo.parse_args(["--time-budget", "0"])
+    assert demo.pretrain_budget(off, 250.0) == 0.0
+    cmds = {name: cmd for name, _, cmd, _ in demo.stage_commands(off, ROOT / "x")}
+    assert not any("time_budget" in c for c in cmds["vae"] + cmds["pretrain"])
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--time-budget", "-5"])
+
+
 def test_cpu_has_native_bf16_reads_the_cpu_flags(tmp_path):
     from mdm_dist.train.precision import cpu_has_native_bf16
 
@@ -124,6 +144,11 @@ def test_quick_demo_writes_every_artifact(quick_demo):
     assert report["targets"]["text_to_image"] == 0.8 and report["targets"]["captioning"] == 0.8
     assert set(report["met"]) == {"text_to_image", "captioning", "total_wall_s", "all"}
     assert report["pretrain"]["steps"] == 6 and report["pretrain"]["processes"] == 2
+    # the budgets reached both training stages (too few steps here for either to decide)
+    assert report["time_budget_s"] == 1200
+    assert report["vae"]["time_budget_s"] == 240.0 and report["vae"]["steps"] == report["vae"]["configured_steps"] == 8
+    assert 300.0 <= report["pretrain"]["time_budget_s"] <= 1050.0 and report["pretrain"]["configured_steps"] == 6
+    assert "pretrain time budget:" in stdout
     assert report["encode"]["written"] == 256
 
     run = out / "run"

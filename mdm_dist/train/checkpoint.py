@@ -83,9 +83,9 @@ def resolve_resume(resume: str, ckpt_dir: Path) -> tuple[Path, str] | None:
     )
 
 
-def load_checkpoint(engine, load_dir: Path, tag: str, ema: EMA) -> tuple[int, dict, dict]:
+def load_checkpoint(engine, load_dir: Path, tag: str, ema: EMA) -> tuple[int, dict, dict, dict]:
     """Restore the engine, this rank's RNG states and EMA shards. Returns (step, loader state,
-    client state)."""
+    client state, the ``extra`` dict given to :func:`save_checkpoint`)."""
     path = rank_file(Path(load_dir) / tag, dist.get_rank())
     if not path.is_file():
         raise FileNotFoundError(
@@ -101,7 +101,7 @@ def load_checkpoint(engine, load_dir: Path, tag: str, ema: EMA) -> tuple[int, di
     state = torch.load(path, map_location="cpu", weights_only=False)
     set_rng_state(state["rng"])
     ema.load_state_dict(state["ema"])
-    return int(state["step"]), state["loader"], client
+    return int(state["step"]), state["loader"], client, state.get("extra") or {}
 
 
 def export_weights(mdm: torch.nn.Module, ema: EMA | None, out_dir: Path, cfg, prefix: str = "") -> list[Path]:

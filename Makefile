@@ -17,7 +17,7 @@ install:
 
 test: install
 	@mkdir -p $(CACHE)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 # The embedded end-to-end demo (launch/demo.py: corpus -> tokenizer -> VAE -> MDS -> deepspeed
 # pretraining on 2 CPU processes -> held-out sampling and scoring); DEMO_ARGS=--quick shortens it.

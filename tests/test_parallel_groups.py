@@ -44,9 +44,9 @@ def _entry(rank, world, port, fn, args):
 def spawn(fn, *args, world: int = 2) -> None:
     """Run ``fn(rank, world, *args)`` in ``world`` fresh gloo processes; re-raise their failure."""
     cache = os.path.join(REPO, ".cache")
-    os.makedirs(os.path.join(cache, "torch_ext"), exist_ok=True)
+    os.makedirs(os.path.join(cache, "torch_extensions"), exist_ok=True)
     for key, value in (("OMP_NUM_THREADS", "1"), ("DS_ACCELERATOR", "cpu"),
-                       ("TORCH_EXTENSIONS_DIR", os.path.join(cache, "torch_ext"))):
+                       ("TORCH_EXTENSIONS_DIR", os.path.join(cache, "torch_extensions"))):
         os.environ.setdefault(key, value)
     mp.spawn(_entry, args=(world, _free_port(), fn, args), nprocs=world, join=True)
 

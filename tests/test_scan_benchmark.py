@@ -13,7 +13,7 @@ from test_train_pretrain import REPO
 
 
 def test_scan_throughput_smoke(tmp_path):
-    cmd = [sys.executable, "benchmarks/scan_throughput.py", "--smoke", "--lengths", "50", "--directions", "1", "4",
+    cmd = [sys.executable, "benchmarks/scan_throughput.py", "--smoke", "--lengths", "24", "--directions", "4",
            "--tune", "parallel=1", "--mixer-tune", "", "parallel=1", "--out", str(tmp_path)]
     p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
@@ -21,7 +21,7 @@ def test_scan_throughput_smoke(tmp_path):
     rows = json.loads(path.read_text())["rows"]
     assert not [r for r in rows if "error" in r], rows
     names = [(r["impl"], r["K"]) for r in rows]
-    assert names == [("ours triton (auto=16)", 1), ("ours parallel=1", 1), ("ours triton (auto=16)", 4),
+    assert names == [("ours triton (auto=16)", 4),
                      ("ours parallel=1", 4), ("mixer ours stacked", 4), ("mixer ours per-dir", 4),
                      ("mixer ours stacked parallel=1", 4), ("mixer ours per-dir parallel=1", 4)]
     for r in rows:

@@ -51,7 +51,7 @@ from mdm_dist.data.raw import (  # noqa: E402
 from mdm_dist.data.tokenizer import CaptionTokenizer, train_tokenizer  # noqa: E402
 from mdm_dist.data.vae_checkpoint import save_vae_checkpoint  # noqa: E402
 from mdm_dist.models.vae import UnifiedVAE  # noqa: E402
-from mdm_dist.train.budget import StepBudget  # noqa: E402
+from mdm_dist.train.budget import StepBudget, max_over_ranks  # noqa: E402
 
 
 def load_corpus(paths: list[str], image_size: int, quiet: bool = False) -> tuple[np.ndarray, list[str], dict[str, int]]:
@@ -192,13 +192,6 @@ def main(argv=None) -> int:
     opt = torch.optim.AdamW(vae.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=0.0)
     accum = max(1, t.global_batch_size // (t.micro_batch_size * world))
     gen = torch.Generator().manual_seed(t.seed * 1000 + rank)  # each rank draws its own batches
-    def max_over_ranks(values):
-        if world == 1:
-            return values
-        buf = torch.tensor(list(values), dtype=torch.float64)
-        torch.distributed.all_reduce(buf, op=torch.distributed.ReduceOp.MAX)
-        return buf.tolist()
-
     budget = StepBudget(t.time_budget_s, t.max_steps, reduce=max_over_ranks)
     t0 = time.time()
     bar = tqdm(total=t.max_steps, desc="VAE", unit="step", disable=rank != 0)

@@ -112,6 +112,12 @@ def test_checkpoint_round_trip_keeps_the_plan_and_the_time():
     assert short.max_steps == 60
 
 
+def test_max_over_ranks_without_a_process_group_returns_the_values():
+    from mdm_dist.train.budget import max_over_ranks
+
+    assert max_over_ranks([1.5, 2.0]) == [1.5, 2.0]
+
+
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="finite"):
         StepBudget(float("inf"), 10)

@@ -33,6 +33,19 @@ def _identity(values: Sequence[float]) -> Sequence[float]:
     return values
 
 
+def max_over_ranks(values: Sequence[float]) -> list[float]:
+    """The element-wise maximum of ``values`` over the default process group (a collective);
+    ``values`` unchanged without one or with one rank. The trainers' ``reduce``."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(values)
+    buf = torch.tensor(list(values), dtype=torch.float64)
+    dist.all_reduce(buf, op=dist.ReduceOp.MAX)
+    return buf.tolist()
+
+
 class StepBudget:
     """The step count of a run under a time budget.
 

@@ -368,7 +368,7 @@ def main(argv=None) -> int:
             name, done, cmd, env = stage_commands(args, out, spent_s=spent)[i]
             print(f"\n=== pretrain time budget: {pretrain_budget(args, spent):.0f} s of the training loop "
                   f"({spent:.0f} s spent before it, {RESERVE_S:.0f} s kept for start-up, evaluation and report)"
-                  if args.time_budget else "=== no time budget (--time-budget 0)", flush=True)
+                  if args.time_budget else "\n=== no time budget (--time-budget 0)", flush=True)
         print(f"\n=== [{i + 1}/{len(stages)}] {name}" + (f": {shell_line(cmd, env)}" if cmd else ""), flush=True)
         t0 = time.time()
         if name == "report":

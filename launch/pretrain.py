@@ -90,7 +90,7 @@ def main(argv=None) -> int:
 
     from mdm_dist.data.loader import loader_from_config, prepare_streaming_env
     from mdm_dist.parallel.groups import ParallelLayoutError
-    from mdm_dist.train.budget import StepBudget, max_over_ranks
+    from mdm_dist.train.budget import StepBudget
     from mdm_dist.train.checkpoint import export_weights, load_checkpoint, resolve_resume, save_checkpoint
     from mdm_dist.train.ema import EMA
     from mdm_dist.train.engine import build_training, init_distributed, train_step
@@ -119,7 +119,7 @@ def main(argv=None) -> int:
     prepare_streaming_env()
     _, loader = loader_from_config(cfg)
     ema = EMA(tr.mdm, t.ema_decay, warmup=t.ema_warmup)
-    budget = StepBudget(t.time_budget_s, t.max_steps, reduce=max_over_ranks)
+    budget = StepBudget(t.time_budget_s, t.max_steps)
     step = 0
     found = resolve_resume(args.resume, ckpt_dir) if args.resume else None
     if found is not None:

@@ -51,7 +51,8 @@ from mdm_dist.data.raw import (  # noqa: E402
 from mdm_dist.data.tokenizer import CaptionTokenizer, train_tokenizer  # noqa: E402
 from mdm_dist.data.vae_checkpoint import save_vae_checkpoint  # noqa: E402
 from mdm_dist.models.vae import UnifiedVAE  # noqa: E402
-from mdm_dist.train.budget import StepBudget, max_over_ranks  # noqa: E402
+from mdm_dist.train.budget import StepBudget  # noqa: E402
+from mdm_dist.train.schedule import lr_at  # noqa: E402
 
 
 def load_corpus(paths: list[str], image_size: int, quiet: bool = False) -> tuple[np.ndarray, list[str], dict[str, int]]:
@@ -73,16 +74,6 @@ def load_corpus(paths: list[str], image_size: int, quiet: bool = False) -> tuple
     if not images:
         raise InputError(f"no usable samples in {', '.join(paths)}")
     return np.stack(images), captions, skipped
-
-
-def lr_at(step: int, cfg, max_steps: int | None = None) -> float:
-    """Linear warmup, then cosine to ``min_lr`` at ``max_steps`` (default ``train.max_steps``)."""
-    t = cfg.train
-    max_steps = t.max_steps if max_steps is None else max_steps
-    if step < t.warmup_steps:
-        return t.lr * (step + 1) / t.warmup_steps
-    frac = (step - t.warmup_steps) / max(1, max_steps - t.warmup_steps)
-    return t.min_lr + 0.5 * (t.lr - t.min_lr) * (1 + math.cos(math.pi * min(1.0, frac)))
 
 
 @torch.no_grad()
@@ -192,7 +183,7 @@ def main(argv=None) -> int:
     opt = torch.optim.AdamW(vae.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=0.0)
     accum = max(1, t.global_batch_size // (t.micro_batch_size * world))
     gen = torch.Generator().manual_seed(t.seed * 1000 + rank)  # each rank draws its own batches
-    budget = StepBudget(t.time_budget_s, t.max_steps, reduce=max_over_ranks)
+    budget = StepBudget(t.time_budget_s, t.max_steps)
     t0 = time.time()
     bar = tqdm(total=t.max_steps, desc="VAE", unit="step", disable=rank != 0)
     history = []
@@ -201,7 +192,7 @@ def main(argv=None) -> int:
     while step < budget.max_steps:
         t_step = time.perf_counter()
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg, budget.max_steps)
+            group["lr"] = lr_at(step, t.lr, t.min_lr, t.warmup_steps, budget.max_steps)
         opt.zero_grad(set_to_none=True)
         for _ in range(accum):
             idx = train[torch.randint(0, len(train), (t.micro_batch_size,), generator=gen)]
@@ -218,13 +209,14 @@ def main(argv=None) -> int:
             bar.set_postfix(psnr=f"{terms['psnr'].item():.1f}", acc=f"{terms['token_acc'].item():.2f}")
         step += 1
         bar.update(1)
-        decided = budget.after_step(step, time.perf_counter() - t_step, time.perf_counter())
+        now = time.perf_counter()
+        decided = budget.after_step(step, now - t_step, now)
         if decided:
             bar.total = budget.max_steps
             bar.refresh()
             if rank == 0:
                 tqdm.write(decided)
-        if budget.spent(step, time.perf_counter()):
+        if budget.spent(step, now):
             if rank == 0:
                 tqdm.write(f"time budget of {t.time_budget_s:.0f} s spent at step {step} of {budget.max_steps}: "
                            "stopping here")

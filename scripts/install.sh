@@ -38,22 +38,18 @@ pip() {
   [ $rc = 0 ] || { echo "install.sh: 'pip $*' failed (exit $rc)" >&2; exit $rc; }
 }
 export PIP_PROGRESS_BAR=off
-# 1. Build tools and torch first: the editable install needs a setuptools with bdist_wheel.
-first=$(grep -E '^(setuptools|wheel|torch|torchvision|triton)==' requirements.txt | cut -d' ' -f1)
-echo "[install] 1/4 $(echo $first)"
-pip install -q --no-deps $first
-# 2. The complete lock, without a resolver, except the two packages built from source here.
-#    They import torch while they build (--no-build-isolation), and torch imports only once its
-#    own requirements (typing_extensions, the CUDA libraries of the CUDA wheel, ...) are in: so
-#    they come last. On a machine with a warm pip cache the order did not matter, on a fresh one
-#    it does.
+# 1. The complete lock (torch, and the setuptools with bdist_wheel the editable install needs,
+#    among it), without a resolver, except the two packages built from source here. They import
+#    torch while they build (--no-build-isolation), and torch imports only once its own
+#    requirements (typing_extensions, the CUDA libraries of the CUDA wheel, ...) are in: so they
+#    come last. On a machine with a warm pip cache the order did not matter, on a fresh one it does.
 built='^(mamba[-_]ssm|causal[-_]conv1d)=='
-echo "[install] 2/4 requirements.txt (locked, --no-deps)"
+echo "[install] 1/3 requirements.txt (locked, --no-deps)"
 grep -v -i -E "$built" requirements.txt > "$VENV/.lock-wheels.txt"
 pip install -q --no-deps -r "$VENV/.lock-wheels.txt"
-# 3. mamba-ssm and causal-conv1d: pure-Python builds on CPU (their CUDA extensions skipped).
+# 2. mamba-ssm and causal-conv1d: pure-Python builds on CPU (their CUDA extensions skipped).
 second=$(grep -i -E "$built" requirements.txt | cut -d' ' -f1)
-echo "[install] 3/4 $(echo $second) (built against the installed torch)"
+echo "[install] 2/3 $(echo $second) (built against the installed torch)"
 MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE \
 CAUSAL_CONV1D_SKIP_CUDA_BUILD=TRUE CAUSAL_CONV1D_FORCE_BUILD=TRUE \
   pip install -q --no-deps --no-build-isolation $second
@@ -62,7 +58,7 @@ if [ "$GPU" = 1 ]; then
   MAMBA_FORCE_BUILD=TRUE CAUSAL_CONV1D_FORCE_BUILD=TRUE \
     pip install -q --no-deps --no-build-isolation --force-reinstall -r requirements-gpu.txt
 fi
-echo "[install] 4/4 mdm-dist (editable)"
+echo "[install] 3/3 mdm-dist (editable)"
 pip install -q --no-deps --no-build-isolation -e .
 (cd / && "$VENV/bin/python" -W ignore -c "import torch, deepspeed, streaming, megatron.core, triton, mdm_dist, kernels") \
   || { echo "install.sh: the installed stack does not import; see the errors above" >&2; exit 1; }

@@ -91,7 +91,7 @@ def test_guard_stops_a_run_that_slows_down_after_the_decision():
     msgs, steps = run(b, [1.0] * 5 + [3.0] * 100)
     assert b.planned == 40
     # elapsed after step k > 5: 5 + 3 (k - 5); first multiple of 10 past 40 s: step 20 (50 s)
-    assert steps == 20 and b.stopped_early_at == 20
+    assert steps == 20 and b.max_steps == 40  # stopped by spent(), not by the plan
 
 
 def test_checkpoint_round_trip_keeps_the_plan_and_the_time():

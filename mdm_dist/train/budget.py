@@ -29,13 +29,9 @@ from typing import Callable, Sequence
 Reduce = Callable[[Sequence[float]], Sequence[float]]
 
 
-def _identity(values: Sequence[float]) -> Sequence[float]:
-    return values
-
-
 def max_over_ranks(values: Sequence[float]) -> list[float]:
     """The element-wise maximum of ``values`` over the default process group (a collective);
-    ``values`` unchanged without one or with one rank. The trainers' ``reduce``."""
+    ``values`` unchanged without one or with one rank. :class:`StepBudget`'s default ``reduce``."""
     import torch
     import torch.distributed as dist
 
@@ -63,13 +59,12 @@ class StepBudget:
         self.budget_s = float(budget_s)
         self.configured_steps = int(max_steps)
         self.decide_at, self.skip, self.margin, self.check_every = decide_at, skip, margin, check_every
-        self.reduce = reduce or _identity
+        self.reduce = reduce or max_over_ranks
         self.planned: int | None = None  # the chosen step count, once decided
         self.elapsed_before = 0.0  # loop time of earlier processes of this run (from a checkpoint)
         self.step_time_s: float | None = None  # the step time the decision used
         self._t0: float | None = None
         self._times: list[float] = []
-        self._stopped_at: int | None = None
 
     @property
     def enabled(self) -> bool:
@@ -115,15 +110,7 @@ class StepBudget:
         if not self.enabled or step % self.check_every or step >= self.max_steps:
             return False
         (elapsed,) = self.reduce([self.elapsed(now)])
-        if elapsed > self.budget_s:
-            self._stopped_at = step
-            return True
-        return False
-
-    @property
-    def stopped_early_at(self) -> int | None:
-        """The step at which :meth:`spent` stopped the run, if it did."""
-        return self._stopped_at
+        return elapsed > self.budget_s
 
     def state_dict(self, now: float) -> dict:
         return {"budget_s": self.budget_s, "configured_steps": self.configured_steps, "planned": self.planned,

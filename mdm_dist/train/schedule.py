@@ -14,7 +14,3 @@ def lr_at(step: int, lr: float, min_lr: float, warmup_steps: int, max_steps: int
     progress = min(1.0, (step - warmup_steps) / span)
     return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
 
-
-def lr_from_config(step: int, train_cfg) -> float:
-    t = train_cfg
-    return lr_at(step, t.lr, t.min_lr, t.warmup_steps, t.max_steps)

@@ -178,13 +178,14 @@ def test_conditioning_probe_on_the_quick_demo(quick_demo):
     """benchmarks/conditioning_probe.py on the quick demo's MDS and VAE: report lines with the
     ratios, and the held-out figures in range."""
     out, _ = quick_demo
-    p = subprocess.run([sys.executable, "benchmarks/conditioning_probe.py", "--data", str(out / "mds"),
-                        "--vae", str(out / "vae" / "vae.pt"), "--corpus", str(out / "corpus"),
-                        "--tokenizer", str(out / "tokenizer"), "--steps", "2", "--every", "1", "--batch", "4",
-                        "--num-eval", "4", "--set", "diffusion.sample_steps=2",
-                        "--min-lr", "1e-4", "--warmup", "1", "--weight-decay", "0.03",
-                        "--per-sample-noise", "--decay-groups"],
-                       cwd=ROOT, env=_env(out), capture_output=True, text=True, timeout=300)
+    from _warm import run_script  # a fresh process without the import bill (tests/_warm.py)
+
+    p = run_script(ROOT / "benchmarks" / "conditioning_probe.py",
+                   ["--data", str(out / "mds"), "--vae", str(out / "vae" / "vae.pt"), "--corpus", str(out / "corpus"),
+                    "--tokenizer", str(out / "tokenizer"), "--steps", "2", "--every", "1", "--batch", "4",
+                    "--num-eval", "4", "--set", "diffusion.sample_steps=2",
+                    "--min-lr", "1e-4", "--warmup", "1", "--weight-decay", "0.03",
+                    "--per-sample-noise", "--decay-groups"], _env(out), ROOT, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     rows = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
     assert [r["step"] for r in rows[:-1]] == [1, 2]

@@ -11,6 +11,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import _warm
+
 from mdm_dist.parallel.groups import ParallelLayoutError, build_groups, check_layout
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -22,7 +24,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank, world, port, fn, args):
+def _entry(rank, world, port, env, fn, args):
+    os.environ.clear()
+    os.environ.update(env)  # the caller's environment (the fork server's is the one it started with)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_SIZE=str(world),
                       LOCAL_WORLD_SIZE=str(world))
@@ -48,7 +52,9 @@ def spawn(fn, *args, world: int = 2) -> None:
     for key, value in (("OMP_NUM_THREADS", "1"), ("DS_ACCELERATOR", "cpu"),
                        ("TORCH_EXTENSIONS_DIR", os.path.join(cache, "torch_extensions"))):
         os.environ.setdefault(key, value)
-    mp.spawn(_entry, args=(world, _free_port(), fn, args), nprocs=world, join=True)
+    _warm.context()  # fresh processes forked from a warm interpreter (tests/_warm.py), not re-importing torch
+    mp.start_processes(_entry, args=(world, _free_port(), dict(os.environ), fn, args), nprocs=world, join=True,
+                       start_method="forkserver")
 
 
 # ----------------------------------------------------------------------------------------------

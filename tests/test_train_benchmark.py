@@ -1,20 +1,19 @@
 """benchmarks/train_throughput.py runs on CPU for a tiny config and reports its numbers."""
 
 import json
-import subprocess
-import sys
 
+from _warm import run_script
 from test_train_pretrain import REPO, TINY, _env
 
 
 def test_train_throughput_cpu(tmp_path):
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, "benchmarks/train_throughput.py", "--config", "configs/tiny.yaml", "--steps", "2",
-           "--warmup", "1", "--checkpointing", "every", "--zero-stage", "3", "--json", str(out),
-           "--profile", str(tmp_path / "top_ops.txt")]
+    args = ["--config", "configs/tiny.yaml", "--steps", "2", "--warmup", "1", "--checkpointing", "every",
+            "--zero-stage", "3", "--json", str(out), "--profile", str(tmp_path / "top_ops.txt")]
     for o in TINY:
-        cmd += ["--set", o]
-    p = subprocess.run(cmd, cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=180)
+        args += ["--set", o]
+    # a fresh process forked from a warm interpreter (tests/_warm.py): the script as `python` runs it
+    p = run_script(REPO / "benchmarks" / "train_throughput.py", args, _env(tmp_path), REPO, timeout=180)
     assert p.returncode == 0, p.stderr[-3000:]
     r = json.loads(out.read_text())
     assert r["steps_per_s"] > 0 and r["tokens_per_s"] == r["samples_per_s"] * r["seq_len"]

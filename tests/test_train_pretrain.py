@@ -1,5 +1,10 @@
-"""launch/pretrain.py end to end on a tiny MDS corpus: 2 CPU ranks (deepspeed launcher, gloo) vs one
-plain process, exact resume, SIGTERM, the NaN guard, metrics, export + launch/sample.py, CLI errors.
+"""launch/pretrain.py end to end on a tiny MDS corpus: 2 CPU ranks (gloo) vs one plain process,
+exact resume, SIGTERM, the NaN guard, metrics, export + launch/sample.py, CLI errors.
+
+The runs are fresh processes, one per rank with the deepspeed launcher's environment, forked from
+a warm interpreter (tests/_warm.py: the imports are paid once, not per run); the command-line
+tests run ``python launch/pretrain.py`` itself, and tests/test_demo.py runs it under
+``deepspeed --num_accelerators 2``.
 
 Equivalence runs pin ``diffusion.task_probs={joint: 1}`` and ``p_uncond=0``: with mixed tasks the
 diffusion terms are means over the *active* samples of each micro-batch, which depends on the
@@ -12,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,9 +26,11 @@ import numpy as np
 import torch
 import pytest
 
+from _warm import run_script, start_script
+
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
-DEEPSPEED = str(Path(PY).parent / "deepspeed")
+PRETRAIN = REPO / "launch" / "pretrain.py"
 
 TINY = [
     "model.d_model=32", "model.headdim=8", "model.d_state=8", "model.chunk_size=8", "model.n_layers=2",
@@ -63,27 +69,18 @@ def _env(tmp: Path) -> dict:
     return env
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def pretrain_cmd(run_dir: Path, data: Path, overrides: list[str], ranks: int = 1, resume: str | None = None) -> list[str]:
-    launcher = [PY] if ranks == 1 else [DEEPSPEED, "--num_accelerators", str(ranks), "--master_port", str(_free_port())]
-    cmd = launcher + [str(REPO / "launch" / "pretrain.py"), "--config", str(REPO / "configs" / "tiny.yaml"),
-                      "--data", str(data), "--run-dir", str(run_dir)]
+def pretrain_args(run_dir: Path, data: Path, overrides: list[str], resume: str | None = None) -> list[str]:
+    args = ["--config", str(REPO / "configs" / "tiny.yaml"), "--data", str(data), "--run-dir", str(run_dir)]
     if resume:
-        cmd += ["--resume", resume]
+        args += ["--resume", resume]
     for o in TINY + overrides:
-        cmd += ["--set", o]
-    return cmd
+        args += ["--set", o]
+    return args
 
 
 def run_pretrain(tmp: Path, run_dir: Path, data: Path, overrides: list[str], ranks: int = 1,
                  resume: str | None = None, expect: int = 0) -> subprocess.CompletedProcess:
-    p = subprocess.run(pretrain_cmd(run_dir, data, overrides, ranks, resume), env=_env(tmp), cwd=REPO,
-                       capture_output=True, text=True, timeout=300)
+    p = run_script(PRETRAIN, pretrain_args(run_dir, data, overrides, resume), _env(tmp), REPO, ranks, timeout=300)
     assert p.returncode == expect, f"exit {p.returncode}\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
     return p
 
@@ -209,9 +206,9 @@ def test_metrics_jsonl_has_required_keys(reference):
 def test_export_and_sample_script(work, reference):
     out = work["tmp"] / "sampled"
     for ckpt, weights in ((reference / "export", "ema"), (reference / "checkpoints", "raw")):
-        p = subprocess.run([PY, "launch/sample.py", "--checkpoint", str(ckpt), "--weights", weights, "--num", "2",
-                            "--steps", "2", "--out", str(out / weights)], cwd=REPO, env=_env(work["tmp"]),
-                           capture_output=True, text=True, timeout=120)
+        p = run_script(REPO / "launch" / "sample.py", ["--checkpoint", str(ckpt), "--weights", weights, "--num", "2",
+                                                      "--steps", "2", "--out", str(out / weights)],
+                       _env(work["tmp"]), REPO, timeout=120)
         assert p.returncode == 0, p.stderr[-3000:]
         for f in ("joint.png", "t2i.png", "i2t.png", "captions.json", "captions.md"):
             assert (out / weights / f).stat().st_size > 0
@@ -267,8 +264,7 @@ def test_time_budget_sets_the_step_count_and_the_schedule_and_resume_keeps_it(wo
 def _start_until_steps(tmp, run, data, args, n, ranks=1):
     """Start a pretraining run in the background and return once it has logged ``n`` steps
     (or after 120 s); the caller signals and reaps the process."""
-    proc = subprocess.Popen(pretrain_cmd(run, data, args, ranks=ranks), env=_env(tmp), cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start_script(PRETRAIN, pretrain_args(run, data, args), _env(tmp), REPO, ranks)
     deadline = time.time() + 120
     while time.time() < deadline:
         if (run / "metrics.jsonl").is_file() and len((run / "metrics.jsonl").read_text().splitlines()) >= n:
@@ -328,15 +324,11 @@ def test_nan_guard_stops_after_max_bad_steps(work):
 
 def test_sigterm_to_one_of_two_ranks_stops_both_at_the_same_step(work):
     """Pre-emption reaches one rank only: the flag is all-reduced, both ranks save the same step."""
-    import psutil
-
     tmp, steps = work["tmp"], 12
     args = ["train.max_steps=%d" % steps]
     run = tmp / "preempted_two"
     proc = _start_until_steps(tmp, run, work["data"], args, 2, ranks=2)
-    ranks = [c for c in psutil.Process(proc.pid).children(recursive=True) if "--local_rank=1" in " ".join(c.cmdline())]
-    assert len(ranks) == 1
-    ranks[0].send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGTERM, rank=1)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, err[-3000:]
     tag = (run / "checkpoints" / "latest").read_text().strip()

@@ -45,6 +45,11 @@ def test_print_commands_lists_every_stage(tmp_path):
     assert "model.attention_every=0" in p.stdout and "--caption-guidance 1.5" in p.stdout
     bad = _demo(tmp_path / "demo", "--print-commands", "--attention-every", "-1")
     assert bad.returncode == 2 and "--attention-every must be >= 0" in bad.stderr
+    p = _demo(tmp_path / "demo", "--print-commands", "--best-of", "3")
+    evaluate = next(line for line in p.stdout.splitlines() if "mdm_dist.eval.heldout" in line)
+    assert "--best-of 3" in evaluate
+    bad = _demo(tmp_path / "demo", "--print-commands", "--best-of", "0")
+    assert bad.returncode == 2 and "--best-of must be >= 1" in bad.stderr
 
 
 def _demo_module():
@@ -111,7 +116,7 @@ def test_cpu_has_native_bf16_reads_the_cpu_flags(tmp_path):
 @pytest.fixture(scope="module")
 def quick_demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "out"
-    p = _demo(out)
+    p = _demo(out, "--best-of", "2")  # text-to-image through sample_best_of, end to end
     assert p.returncode == 0, f"demo failed:\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}"
     return out, p.stdout
 
@@ -138,6 +143,9 @@ def test_quick_demo_writes_every_artifact(quick_demo):
                 "captioning_colour", "captioning_shape", "classifier_on_real", "classifier_on_vae_reconstructions"):
         assert 0.0 <= q[key] <= 1.0, key
     assert q["classifier_on_real"] >= 0.9  # the held-out images are re-drawn exactly
+    # best of 2: the figure over both candidates of each prompt is plain sampling's, in 1/32 steps
+    assert report["sampling"]["best_of"] == 2 and 0.0 <= q["text_to_image_plain"] <= 1.0
+    assert (q["text_to_image_plain"] * 32) == pytest.approx(round(q["text_to_image_plain"] * 32))
     cr = report["condition_reliance"]
     assert set(cr) == {"i2t", "t2i"} and all(cr[k]["true"] > 0 and cr[k]["ratio"] > 0 for k in cr)
     assert q["num_prompts"] == 16

@@ -486,3 +486,151 @@ def test_self_conditioning_feeds_the_previous_estimate(mode, w, prediction):
             assert torch.equal(img_sc[b:], img_sc[:b])
         pred = guide(img_out[:b], img_out[b:], w) if w != 1.0 else img_out
         prev = image_x0_estimate(pred.double(), args[1][:b].double(), args[3][:b], vp, prediction)
+
+
+# ----------------------------------------------------------------------------------------------
+# Best of n: text-to-image reranked by the model's own captioner
+# ----------------------------------------------------------------------------------------------
+
+
+class ImageReader(GaussianOracle):
+    """The Gaussian oracle's image eps, and text log-scores that read the image and the caption:
+    position i scores token y by ``gain * img[:, 0, y] * (i + 1) + nb * txt[:, (i + 1) % L, y]``
+    (d_z == vocab, and the stub VAE's text latents are one-hot ids), so which caption is likely
+    depends on the image and on the next token. Records the inputs of every call."""
+
+    def __init__(self, vp, m, s, gain=3.0, nb=1.5):
+        super().__init__(vp, m, s)
+        self.gain, self.nb, self.seen = gain, nb, []
+
+    def forward(self, txt, img, t_txt, t_img, category):
+        self.seen.append(dict(txt=txt.clone(), img=img.clone(), t_txt=t_txt.clone(), t_img=t_img.clone(),
+                              category=category.clone()))
+        _, eps = super().forward(txt, img, t_txt, t_img, category)
+        pos = torch.arange(1, L + 1, dtype=img.dtype)[None, :, None]
+        out = self.gain * img[:, :1, :V] * pos + self.nb * txt.roll(-1, dims=1).to(img.dtype)
+        return out.to(txt.dtype), eps
+
+
+def reference_caption_score(img_latents, ids, gain, nb, mask_id):
+    """sum_i log softmax_{y != MASK}(score_i)[ids_i], position i masked alone (so the next
+    token, if it is not i itself, is the true one), one sample and one position at a time."""
+    out = []
+    for z, row in zip(img_latents.double(), ids.tolist()):
+        total = 0.0
+        for i, tok in enumerate(row):
+            x = list(row)
+            x[i] = mask_id
+            nxt = x[(i + 1) % L]
+            s = [gain * float(z[0, y]) * (i + 1) + (nb if y == nxt else 0.0) for y in range(V)]
+            norm = torch.logsumexp(torch.tensor([s[y] for y in range(V) if y != mask_id], dtype=torch.float64), 0)
+            total += s[tok] - float(norm)
+        out.append(total)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def reader_setup():
+    cfg = stub_cfg()
+    vp = from_config(cfg.diffusion).vp
+    return cfg, StubMDM(cfg, ImageReader(vp, 0.3, 0.8))
+
+
+def test_one_token_time_masks_one_token_in_l():
+    from mdm_dist.diffusion.samplers import one_token_time
+
+    d = stub_cfg().diffusion
+    tnoise = from_config(d).text
+    for length in (5, 12, 77):
+        t = one_token_time(d, length)
+        assert float(tnoise.mask_prob(t)) == pytest.approx(1.0 / length, rel=1e-9)
+        assert t == pytest.approx(1.0 / length / (1 - tnoise.eps), rel=1e-9)  # log-linear: mask_prob = (1 - eps) t
+
+
+def test_caption_pseudo_log_likelihood_reads_the_image_one_masked_word_at_a_time():
+    from mdm_dist.diffusion import caption_pseudo_log_likelihood
+    from mdm_dist.diffusion.samplers import one_token_time
+
+    cfg, model = reader_setup()
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(4, N, DZ, generator=g, dtype=torch.float64)
+    ids = torch.randint(0, V, (4, L), generator=g)
+    ids[ids == cfg.vae.mask_id] = (cfg.vae.mask_id + 1) % V  # a caption never holds MASK
+    model.train()
+    got = caption_pseudo_log_likelihood(model, z, ids)
+    assert model.training  # restored
+    bb = model.backbone
+    want = reference_caption_score(z, ids, bb.gain, bb.nb, cfg.vae.mask_id)
+    assert got.dtype == torch.float64 and torch.allclose(got, want, rtol=1e-12, atol=1e-10), (got, want)
+    assert len(bb.seen) == L
+    t1 = one_token_time(cfg.diffusion, L)
+    for i, seen in enumerate(bb.seen):  # position i masked alone, clean image at t = 0, text at t1
+        masked = ids.clone()
+        masked[:, i] = cfg.vae.mask_id
+        assert torch.equal(seen["txt"].argmax(-1), masked) and torch.equal(seen["img"], z)
+        assert torch.allclose(seen["t_txt"], torch.full((4,), t1)) and (seen["t_img"] == 0).all()
+        assert (seen["category"] == 0).all()
+    # a log-probability: <= 0; the neighbour term makes it differ from scoring every word with
+    # the whole caption masked
+    assert (got <= 0).all()
+    assert not torch.allclose(got, reference_caption_score(z, ids, bb.gain, 0.0, cfg.vae.mask_id))
+
+
+def test_best_of_keeps_the_candidate_the_captioner_prefers():
+    from mdm_dist.diffusion import sample_best_of
+
+    cfg, model = reader_setup()
+    b, n = 3, 5
+    ids = torch.tensor([[0, 1, 2, 3, 4], [5, 6, 7, 1, 1], [2, 2, 2, 2, 2]])
+    ids[ids == cfg.vae.mask_id] = (cfg.vae.mask_id + 1) % V  # a caption never holds MASK
+    out = sample_best_of(model, ids, n, steps=4, sampler="ddim", generator=torch.Generator().manual_seed(3))
+    # the candidates: the same draws as one plain t2i call on every caption repeated n times
+    cands = sample(model, "t2i", ids=ids.repeat_interleave(n, 0), steps=4, sampler="ddim",
+                   generator=torch.Generator().manual_seed(3))
+    want = reference_caption_score(cands["img_latents"], cands["ids"], model.backbone.gain, model.backbone.nb,
+                                   cfg.vae.mask_id).view(b, n)
+    assert torch.allclose(out["scores"], want, rtol=1e-12, atol=1e-10)
+    assert torch.equal(out["chosen"], want.argmax(1))
+    assert len(set(out["chosen"].tolist())) > 1 or n == 1  # the draws differ, so do the choices here
+    for j in range(b):
+        k = j * n + int(want[j].argmax())
+        assert torch.equal(out["img_latents"][j], cands["img_latents"][k])
+        assert torch.equal(out["images"][j], cands["images"][k])
+    assert torch.equal(out["ids"], ids)
+    assert torch.equal(out["candidate_latents"].reshape(b * n, N, DZ), cands["img_latents"])
+    # best of 1 is plain sampling, draw for draw
+    one = sample_best_of(model, ids, 1, steps=4, sampler="ddim", generator=torch.Generator().manual_seed(3))
+    plain = sample(model, "t2i", ids=ids, steps=4, sampler="ddim", generator=torch.Generator().manual_seed(3))
+    assert torch.equal(one["img_latents"], plain["img_latents"]) and (one["chosen"] == 0).all()
+
+
+def test_best_of_errors():
+    from mdm_dist.diffusion import caption_pseudo_log_likelihood, sample_best_of
+
+    cfg, model = reader_setup()
+    ids = torch.zeros(2, L, dtype=torch.long)
+    with pytest.raises(ValueError, match="best-of n must be >= 1"):
+        sample_best_of(model, ids, 0)
+    with pytest.raises(ValueError, match="img_latents has 3 rows, ids 2"):
+        caption_pseudo_log_likelihood(model, torch.zeros(3, N, DZ, dtype=torch.float64), ids)
+    gcfg = stub_cfg("diffusion.text_process=gaussian")
+    with pytest.raises(ValueError, match="needs diffusion.text_process: absorbing"):
+        caption_pseudo_log_likelihood(StubMDM(gcfg, model.backbone), torch.zeros(2, N, DZ, dtype=torch.float64), ids)
+
+
+def test_best_of_with_real_tiny_mdm_scores_each_candidate_as_alone():
+    """The real model: a candidate's score does not depend on the batch it is scored in."""
+    from mdm_dist.diffusion import caption_pseudo_log_likelihood, sample_best_of
+    from mdm_dist.models.mdm import build_model
+
+    cfg = load_config(None, overrides=TINY)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    for p in model.parameters():  # the output heads are zero-initialized: make them matter
+        torch.nn.init.normal_(p, std=0.05) if p.dim() >= 2 else None
+    ids = torch.randint(2, cfg.vae.vocab_size, (2, cfg.vae.max_text_len))
+    out = sample_best_of(model, ids, 3, steps=2, generator=torch.Generator().manual_seed(0))
+    assert out["images"].shape == (2, 3, 16, 16) and out["scores"].shape == (2, 3)
+    assert torch.isfinite(out["scores"]).all() and (out["scores"] <= 0).all()
+    alone = torch.stack([caption_pseudo_log_likelihood(model, out["img_latents"][j:j + 1], ids[j:j + 1])[0]
+                         for j in range(2)])
+    assert torch.allclose(alone, out["scores"].gather(1, out["chosen"][:, None])[:, 0], rtol=1e-5, atol=1e-4)

@@ -42,6 +42,17 @@ Self-conditioning (``model.self_condition``): every backbone call that generates
 gets the clean-image estimate of the call before it (zeros at the first), as in Chen et al. 2022;
 with guidance, the guided estimate, for both halves of the batch.
 
+Best of n (``sample_best_of``, text-to-image only): n candidate images per caption, each read
+back by the same model's captioner; the candidate under which the prompt is most likely is kept.
+The score, ``caption_pseudo_log_likelihood``, is sum_i log p0(x_i | image, the caption with only
+position i masked) over the L caption positions (PAD included, so every candidate of a caption
+is scored on the same positions): the captioner reading the clean image (t_img = 0) at the text
+time where one token in L is masked. Each word is judged against the image given the rest of the
+caption, so the template (where the shape word sits) is known and only the image decides it.
+It needs ``text_process: absorbing``. The unified model judges its own samples with the
+direction it learns more easily (reading shape from an image; benchmarks/demo_results.md);
+nothing outside the model is used.
+
 Given conditions are VAE-encoded and sampled (z = mu + sigma eps), as ``mdm_loss`` does.
 Every random number comes from ``generator`` (which must live on the model's device), so a
 seeded generator makes the output reproducible.
@@ -349,4 +360,88 @@ def _sample(model, mode, batch_size, ids, images, img_latents, category, steps, 
     return {"images": images_out, "ids": x, "img_latents": z_img}
 
 
-__all__ = ["sample", "guide", "pf_ode_drift", "ddim_step", "absorbing_step", "SAMPLERS"]
+def one_token_time(d, length: int) -> float:
+    """The text time t at which the absorbing process masks 1 of ``length`` tokens on average
+    (mask_prob(t) = 1 / length, by bisection on the configured schedule)."""
+    tnoise = from_config(d).text
+    lo, hi = float(d.t_eps), 1.0
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if float(tnoise.mask_prob(mid)) < 1.0 / length else (lo, mid)
+    return 0.5 * (lo + hi)
+
+
+@torch.no_grad()
+def caption_pseudo_log_likelihood(model, img_latents: torch.Tensor, ids: torch.Tensor,
+                                  category: torch.Tensor | int | None = None) -> torch.Tensor:
+    """(B,) float64: sum_i log p0(ids_i | img_latents, the caption with position i masked), the
+    model's captioner reading the image (module doc, "Best of n").
+
+    ``img_latents`` (B, N, d_z) clean image latents (t_img = 0), ``ids`` (B, L) the caption to
+    score. One backbone call per position, at the text time where 1 token in L is masked
+    (`one_token_time`); the text enters as its VAE mean, so the score is deterministic. Eval
+    mode, the training flag restored."""
+    cfg = model.cfg
+    d, v = cfg.diffusion, cfg.vae
+    if d.text_process != "absorbing":
+        raise ValueError("caption_pseudo_log_likelihood needs diffusion.text_process: absorbing "
+                         f"(got {d.text_process!r}): under gaussian text there is no per-token likelihood")
+    vae, backbone = model.vae, model.backbone
+    device, dtype = _device(model), _latent_dtype(model)
+    b, length = ids.shape
+    if img_latents.shape[0] != b:
+        raise ValueError(f"img_latents has {img_latents.shape[0]} rows, ids {b}")
+    if category is None:
+        category = 0
+    if isinstance(category, int):
+        category = torch.full((b,), category, dtype=torch.long, device=device)
+    ids = ids.to(device=device, dtype=torch.long)
+    img = img_latents.to(device=device, dtype=dtype)
+    t_txt = torch.full((b,), one_token_time(d, length), device=device, dtype=torch.float32)
+    t_img = torch.zeros(b, device=device, dtype=torch.float32)
+    rows = torch.arange(b, device=device)
+    total = torch.zeros(b, dtype=torch.float64, device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        for i in range(length):
+            x = ids.clone()
+            x[:, i] = v.mask_id
+            txt_out, _ = backbone(vae.encode_text(x)[0].to(dtype), img, t_txt, t_img,
+                                  category.to(device=device, dtype=torch.long))
+            logits = vae.decode_text(txt_out[:, i]).double()
+            logits[..., v.mask_id] = float("-inf")
+            total += logits.log_softmax(-1)[rows, ids[:, i]]
+        return total
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def sample_best_of(model, ids: torch.Tensor, n: int, generator: torch.Generator | None = None,
+                   **kw) -> dict[str, torch.Tensor]:
+    """Text-to-image, best of ``n`` (module doc): ``sample(model, "t2i", ...)`` on every caption
+    repeated n times (one batched call; ``kw``: steps, sampler, guidance_scale, category), each
+    candidate scored by ``caption_pseudo_log_likelihood`` against its caption, the best kept.
+
+    Returns ``sample``'s dict for the kept candidates (B rows) plus ``scores`` (B, n) float64,
+    ``chosen`` (B,) long, the index of the kept candidate, and ``candidate_latents`` (B, n, N,
+    d_z), every candidate's image latents (each one a plain sample of its caption, so figures
+    averaged over them are those of plain sampling). With n = 1 the images are those of
+    ``sample`` with the same generator."""
+    if n < 1:
+        raise ValueError(f"best-of n must be >= 1, got {n}")
+    b = ids.shape[0]
+    cat = kw.pop("category", None)
+    rep_cat = cat.repeat_interleave(n, 0) if isinstance(cat, torch.Tensor) else cat
+    out = sample(model, "t2i", ids=ids.repeat_interleave(n, 0), category=rep_cat, generator=generator, **kw)
+    scores = caption_pseudo_log_likelihood(model, out["img_latents"], out["ids"], rep_cat).view(b, n)
+    chosen = scores.argmax(1)
+    rows = torch.arange(b, device=chosen.device) * n + chosen
+    kept = {k: t[rows.to(t.device)] for k, t in out.items()}
+    cands = out["img_latents"].view(b, n, *out["img_latents"].shape[1:])
+    return {**kept, "scores": scores, "chosen": chosen, "candidate_latents": cands}
+
+
+__all__ = ["sample", "sample_best_of", "caption_pseudo_log_likelihood", "one_token_time", "guide", "pf_ode_drift", "ddim_step",
+           "absorbing_step", "SAMPLERS"]

@@ -2,7 +2,7 @@
 
     python -m mdm_dist.eval.heldout --export RUN/export --vae VAE_DIR/vae.pt \
         --tokenizer TOKENIZER_DIR --corpus CORPUS_DIR --out OUT [--num 96] [--steps N] [--guidance W]
-        [--caption-guidance W] [--data MDS_DIR ...]
+        [--caption-guidance W] [--best-of N] [--data MDS_DIR ...]
 
 Held-out set: ``CORPUS/eval.jsonl`` (data_prep/make_demo_data.py: captions and ground truth of
 scenes whose keys are never in the training shards). Its images are re-drawn from their random
@@ -13,7 +13,10 @@ preprocessed like the training images (PNG -> ``decode_image`` at ``vae.image_si
   the VAE-stage decoder (``--vae``: the checkpoint that encoded the MDS shards, whose latent space
   the MDM generates in; pretraining with ``train.vae_checkpoint`` keeps the MDM's copy of the
   image path frozen and equal to it), and :func:`mdm_dist.eval.classifier.classify` decides
-  whether the image shows the prompted colour and shape.
+  whether the image shows the prompted colour and shape. With ``--best-of N`` each prompt gets N
+  candidates and the one the model's own captioner finds the prompt most likely under is scored
+  (``mdm_dist.diffusion.sample_best_of``); ``text_to_image_plain`` is then the figure over all N
+  candidates, plain sampling's.
 * **captioning**: each held-out image is encoded by the VAE-stage encoder (as the MDS shards
   were), the MDM generates a caption conditioned on the latent means, and
   :func:`mdm_dist.eval.captions.caption_names` decides whether it names the true colour and shape.
@@ -107,14 +110,16 @@ def _rate(flags: list[bool]) -> float:
 @torch.no_grad()
 def evaluate(model, vae, tok, records: list[dict], images: np.ndarray, steps: int | None, guidance: float | None,
              sampler: str | None, seed: int = 0, caption_guidance: float | None = None,
-             text_temperature: float | None = None) -> tuple[dict, dict]:
+             text_temperature: float | None = None, best_of: int = 1) -> tuple[dict, dict]:
     """(quality figures, per-sample outputs) of t2i and i2t on the held-out set.
 
     ``guidance``: the CFG scale of both modes (None: the config's, per mode);
     ``caption_guidance``: the i2t scale when it differs (None: ``guidance``);
-    ``text_temperature``: captioning's sampling temperature (None: the config's)."""
+    ``text_temperature``: captioning's sampling temperature (None: the config's);
+    ``best_of``: text-to-image keeps the best of this many candidates per prompt by the model's
+    own caption likelihood (``mdm_dist.diffusion.sample_best_of``; 1: plain sampling)."""
     from mdm_dist.data.raw import to_tensor_range
-    from mdm_dist.diffusion import sample
+    from mdm_dist.diffusion import sample, sample_best_of
     from mdm_dist.diffusion.samplers import default_guidance
 
     cfg = model.cfg
@@ -132,10 +137,20 @@ def evaluate(model, vae, tok, records: list[dict], images: np.ndarray, steps: in
 
     t0 = time.time()
     ids = torch.from_numpy(np.stack([tok.encode_fixed(r["caption"], L) for r in records])).long()
-    t2i = sample(model, "t2i", ids=ids, guidance_scale=w_t2i, generator=torch.Generator().manual_seed(seed), **kw)
+    if best_of > 1:
+        t2i = sample_best_of(model, ids, best_of, guidance_scale=w_t2i, generator=torch.Generator().manual_seed(seed),
+                             **kw)
+    else:
+        t2i = sample(model, "t2i", ids=ids, guidance_scale=w_t2i, generator=torch.Generator().manual_seed(seed), **kw)
     gen_images = vae.decode_image(t2i["img_latents"].float()).clamp(-1, 1)
     times["t2i_s"] = time.time() - t0
     preds = classify_batch(gen_images)
+    if best_of > 1:  # every candidate is a plain sample: their mean is plain sampling's figure
+        cands = t2i["candidate_latents"]
+        cand_preds = classify_batch(vae.decode_image(cands.flatten(0, 1).float()).clamp(-1, 1))
+        plain_ok = [p.matches(r["colour"], r["shape"]) for p, r in zip(cand_preds, [r for r in records for _ in range(best_of)])]
+    else:
+        plain_ok = None
 
     t0 = time.time()
     mu, _ = vae.encode_image(x)
@@ -155,6 +170,8 @@ def evaluate(model, vae, tok, records: list[dict], images: np.ndarray, steps: in
         "text_to_image": _rate(t2i_ok),
         "text_to_image_colour": _rate([p.colour == c for p, c in zip(preds, colours)]),
         "text_to_image_shape": _rate([p.shape == s for p, s in zip(preds, shapes)]),
+        # best of n: the same figure over every candidate, i.e. plain sampling's (n x the prompts)
+        "text_to_image_plain": _rate(plain_ok) if plain_ok is not None else None,
         "captioning": _rate(i2t_ok),
         # the true colour is among the colours the caption names (words, so "green," counts)
         "captioning_colour": _rate([c in named_attributes(g)[0] for g, c in zip(captions, colours)]),
@@ -166,6 +183,7 @@ def evaluate(model, vae, tok, records: list[dict], images: np.ndarray, steps: in
         "sampler": sampler or cfg.diffusion.sampler,
         "sample_steps": steps or cfg.diffusion.sample_steps,
         "guidance_scale": w_t2i,
+        "best_of": int(best_of),
         "caption_guidance_scale": w_i2t,
         "text_temperature": temp,
         "timings": times,
@@ -218,9 +236,14 @@ def main(argv=None) -> int:
                     help="captioning's sampling temperature (default diffusion.text_temperature; 0 = greedy)")
     ap.add_argument("--sampler", choices=("dpm2", "ddim", "euler"), default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--best-of", type=int, default=1, metavar="N",
+                    help="text-to-image keeps the best of N candidates per prompt, ranked by the model's own "
+                         "caption likelihood (mdm_dist.diffusion.sample_best_of; default 1: plain sampling)")
     ap.add_argument("--data", nargs="+", default=None,
                     help="MDS stream(s): also measure condition reliance (mdm_dist/eval/conditioning.py) on 128 samples")
     args = ap.parse_args(argv)
+    if args.best_of < 1:
+        ap.error(f"--best-of must be >= 1 (1 = plain sampling), got {args.best_of}")
 
     from mdm_dist.data.tokenizer import CaptionTokenizer
     from mdm_dist.data.vae_checkpoint import load_vae_checkpoint
@@ -235,7 +258,8 @@ def main(argv=None) -> int:
         return 2
     images = heldout_images(Path(args.corpus), records, cfg.vae.image_size)
     quality, outputs = evaluate(model, vae, tok, records, images, args.steps, args.guidance, args.sampler, args.seed,
-                                caption_guidance=args.caption_guidance, text_temperature=args.text_temperature)
+                                caption_guidance=args.caption_guidance, text_temperature=args.text_temperature,
+                                best_of=args.best_of)
     quality["weights"] = args.weights
     if args.data:
         from mdm_dist.eval.conditioning import condition_reliance, probe_batch

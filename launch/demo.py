@@ -303,9 +303,10 @@ def write_report(args, out: Path, timings: dict) -> dict:
         "stages": timings,
         "total_wall_s": round(total, 2),
         "quality": {k: quality.get(k) for k in ("text_to_image", "captioning", "text_to_image_colour",
-                                            "text_to_image_shape", "text_to_image_plain", "captioning_colour", "captioning_shape", "captioning_exact",
-                                            "classifier_on_real", "classifier_on_vae_reconstructions",
-                                            "num_prompts", "spec_seen_in_train")},
+                                                "text_to_image_shape", "text_to_image_plain", "captioning_colour",
+                                                "captioning_shape", "captioning_exact", "classifier_on_real",
+                                                "classifier_on_vae_reconstructions", "num_prompts",
+                                                "spec_seen_in_train")},
         # loss with shuffled / true conditions on 128 training samples (1.00 = condition ignored)
         "condition_reliance": quality.get("condition_reliance"),
         "sampling": {k: quality.get(k) for k in ("sampler", "sample_steps", "guidance_scale", "best_of",

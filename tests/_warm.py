@@ -73,6 +73,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def launcher_env(rank: int, world: int, port: int) -> dict:
+    """The variables the deepspeed launcher sets for local rank ``rank`` of ``world`` on one node."""
+    return dict(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                LOCAL_SIZE=str(world), CROSS_RANK="0", CROSS_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
 def _child(script: str, argv: list[str], env: dict, cwd: str, out: str, err: str) -> None:
     """Run ``script`` as ``__main__`` with fd 1 / 2 in files, then exit as python would."""
     for fd, path in ((1, out), (2, err)):
@@ -162,12 +168,11 @@ def start_script(script: str | Path, argv: list[str], env: dict, cwd: str | Path
         e = dict(env)
         args = list(argv)
         if ranks > 1:
-            e.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(ranks), LOCAL_WORLD_SIZE=str(ranks),
-                     LOCAL_SIZE=str(ranks), CROSS_RANK="0", CROSS_SIZE="1", MASTER_ADDR="127.0.0.1",
-                     MASTER_PORT=str(port))
+            e.update(launcher_env(rank, ranks, port))
             args = [f"--local_rank={rank}", *args]
         out, err = str(logs / f"rank{rank}.out"), str(logs / f"rank{rank}.err")
-        p = ctx.Process(target=_child, args=(str(script), args, e, str(cwd), out, err), name=f"{Path(script).name}:{rank}")
+        p = ctx.Process(target=_child, args=(str(script), args, e, str(cwd), out, err),
+                        name=f"{Path(script).name}:{rank}")
         p.start()
         procs.append(p)
         files.append((out, err))

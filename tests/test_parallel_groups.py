@@ -3,8 +3,6 @@ that the other tests/test_parallel_*.py files import."""
 
 import os
 import sys
-import socket
-import tempfile
 
 import pytest
 import torch
@@ -18,18 +16,10 @@ from mdm_dist.parallel.groups import ParallelLayoutError, build_groups, check_la
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _entry(rank, world, port, env, fn, args):
     os.environ.clear()
     os.environ.update(env)  # the caller's environment (the fork server's is the one it started with)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_SIZE=str(world),
-                      LOCAL_WORLD_SIZE=str(world))
+    os.environ.update(_warm.launcher_env(rank, world, port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -53,7 +43,7 @@ def spawn(fn, *args, world: int = 2) -> None:
                        ("TORCH_EXTENSIONS_DIR", os.path.join(cache, "torch_extensions"))):
         os.environ.setdefault(key, value)
     _warm.context()  # fresh processes forked from a warm interpreter (tests/_warm.py), not re-importing torch
-    mp.start_processes(_entry, args=(world, _free_port(), dict(os.environ), fn, args), nprocs=world, join=True,
+    mp.start_processes(_entry, args=(world, _warm.free_port(), dict(os.environ), fn, args), nprocs=world, join=True,
                        start_method="forkserver")
 
 

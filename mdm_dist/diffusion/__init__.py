@@ -15,5 +15,6 @@ from mdm_dist.diffusion.schedules import LogLinearNoise, Schedules, VPSchedule, 
 __all__ = [
     "VPSchedule", "LogLinearNoise", "Schedules", "from_config",
     "score_entropy_absorbing", "dsm_image_weight", "mdm_loss", "draw_tasks", "absorb", "TASKS",
-    "sample", "sample_best_of", "caption_pseudo_log_likelihood", "guide", "pf_ode_drift", "ddim_step", "absorbing_step", "SAMPLERS",
+    "sample", "sample_best_of", "caption_pseudo_log_likelihood", "guide", "pf_ode_drift", "ddim_step",
+    "absorbing_step", "SAMPLERS",
 ]

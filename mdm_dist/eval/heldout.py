@@ -148,7 +148,8 @@ def evaluate(model, vae, tok, records: list[dict], images: np.ndarray, steps: in
     if best_of > 1:  # every candidate is a plain sample: their mean is plain sampling's figure
         cands = t2i["candidate_latents"]
         cand_preds = classify_batch(vae.decode_image(cands.flatten(0, 1).float()).clamp(-1, 1))
-        plain_ok = [p.matches(r["colour"], r["shape"]) for p, r in zip(cand_preds, [r for r in records for _ in range(best_of)])]
+        cand_records = [r for r in records for _ in range(best_of)]
+        plain_ok = [p.matches(r["colour"], r["shape"]) for p, r in zip(cand_preds, cand_records)]
     else:
         plain_ok = None
 

@@ -5,7 +5,7 @@ the held-out text-to-image and captioning figures at the end.
     python benchmarks/conditioning_probe.py --data outputs/demo/mds --vae outputs/demo/vae/vae.pt \\
         [--corpus outputs/demo/corpus --tokenizer outputs/demo/tokenizer] [--config configs/tiny.yaml] \\
         [--steps 800] [--batch 16] [--lr 1e-3] [--min-lr 3e-4 --warmup 50] [--weight-decay 0.03]
-        [--every 200] [--per-sample-noise] [--decay-groups] [--dtype bfloat16]
+        [--every 200] [--eval-every N] [--plot PNG] [--per-sample-noise] [--decay-groups] [--dtype bfloat16]
         [--set diffusion.task_probs={...} ...]
 
 It is the loop behind the probe figures of benchmarks/demo_results.md: AdamW at a constant lr
@@ -46,6 +46,10 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--every", type=int, default=200, help="report every N steps")
+    ap.add_argument("--eval-every", type=int, default=0, metavar="N",
+                    help="with --corpus: also score the held-out figures every N steps (default: at the end only)")
+    ap.add_argument("--plot", default=None, metavar="PNG",
+                    help="with --corpus: plot the held-out figures against the step (the first --guidance scale)")
     ap.add_argument("--corpus", default=None, help="demo corpus: also score held-out t2i / i2t at the end")
     ap.add_argument("--tokenizer", default=None, help="tokenizer directory (with --corpus)")
     ap.add_argument("--num-eval", type=int, default=64)
@@ -66,6 +70,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.corpus and not args.tokenizer:
         ap.error("--corpus needs --tokenizer")
+    if args.eval_every < 0:
+        ap.error(f"--eval-every must be >= 0, got {args.eval_every}")
+    if args.eval_every and not args.corpus:
+        ap.error("--eval-every needs --corpus (and --tokenizer): the held-out figures come from the demo corpus")
+    if args.plot and not args.corpus:
+        ap.error("--plot needs --corpus (and --tokenizer): it plots the held-out figures")
 
     # every import and every input of the held-out scoring up front: a bad path fails now, not
     # after the training loop
@@ -104,6 +114,23 @@ def main(argv=None) -> int:
     coll = MDMCollator(cfg.vae.max_text_len, cfg.vae.pad_id)
     ds = build_dataset(args.data, batch_size=args.batch, shuffle=True, seed=args.seed + 1)
 
+    curve: list[tuple[int, dict]] = []  # (step, figures at the first guidance scale)
+
+    def heldout(at_step: int) -> None:
+        """The held-out text-to-image and captioning figures of the model as it is now, per guidance
+        scale; the model's training flag is restored."""
+        keys = ("guidance_scale", "caption_guidance_scale",  # the scales as sampled
+                "text_to_image", "text_to_image_colour", "text_to_image_shape", "captioning", "captioning_colour",
+                "captioning_shape", "classifier_on_vae_reconstructions")
+        was_training = model.training
+        model.eval()
+        for i, w in enumerate(args.guidance):
+            q, _ = evaluate(model, vae, tok, records, images, None, w, None, args.seed)
+            print(json.dumps({"step": at_step, "heldout": {k: q[k] for k in keys}}), flush=True)
+            if i == 0:
+                curve.append((at_step, q))
+        model.train(was_training)
+
     g = torch.Generator().manual_seed(args.seed)
     step, t0 = 0, time.time()
     while step < args.steps:
@@ -127,16 +154,22 @@ def main(argv=None) -> int:
                 print(json.dumps({"step": step, "seconds": round(time.time() - t0, 1),
                                   **{f"{k}_loss": round(v["true"], 4) for k, v in r.items()},
                                   **{f"{k}_ratio": round(v["ratio"], 3) for k, v in r.items()}}), flush=True)
+            if args.eval_every and step % args.eval_every == 0:
+                heldout(step)
             if step >= args.steps:
                 break
-    if args.corpus:
-        model.eval()
-        keys = ("guidance_scale", "caption_guidance_scale",  # the scales as sampled
-                "text_to_image", "text_to_image_colour", "text_to_image_shape", "captioning", "captioning_colour",
-                "captioning_shape", "classifier_on_vae_reconstructions")
-        for w in args.guidance:
-            q, _ = evaluate(model, vae, tok, records, images, None, w, None, args.seed)
-            print(json.dumps({"heldout": {k: q[k] for k in keys}}), flush=True)
+    if args.corpus and (not args.eval_every or args.steps % args.eval_every):
+        heldout(step)
+    if args.plot:
+        from mdm_dist.viz import line_plot
+
+        steps_at = [s for s, _ in curve]
+        names = {"text_to_image": "text-to-image", "text_to_image_shape": "text-to-image: shape",
+                 "text_to_image_colour": "text-to-image: colour", "captioning": "captioning"}
+        line_plot({label: (steps_at, [q[k] for _, q in curve]) for k, label in names.items()}, args.plot,
+                  xlabel="training step", ylabel="held-out fraction right",
+                  title=f"held-out figures, {len(records)} prompts / images")
+        print(f"conditioning_probe: wrote {args.plot}", file=sys.stderr)
     return 0
 
 

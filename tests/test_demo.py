@@ -184,22 +184,39 @@ def test_quick_demo_rerun_skips_every_stage(quick_demo):
 
 def test_conditioning_probe_on_the_quick_demo(quick_demo):
     """benchmarks/conditioning_probe.py on the quick demo's MDS and VAE: report lines with the
-    ratios, and the held-out figures in range."""
+    ratios, and the held-out figures in range, every ``--eval-every`` steps (no second scoring at
+    the end when the last step is one of them), and their plot."""
     out, _ = quick_demo
     from _warm import run_script  # a fresh process without the import bill (tests/_warm.py)
 
     p = run_script(ROOT / "benchmarks" / "conditioning_probe.py",
                    ["--data", str(out / "mds"), "--vae", str(out / "vae" / "vae.pt"), "--corpus", str(out / "corpus"),
-                    "--tokenizer", str(out / "tokenizer"), "--steps", "2", "--every", "1", "--batch", "4",
-                    "--num-eval", "4", "--set", "diffusion.sample_steps=2",
+                    "--tokenizer", str(out / "tokenizer"), "--steps", "4", "--every", "2", "--eval-every", "2",
+                    "--plot", str(out / "probe_curve.png"),
+                    "--batch", "4", "--num-eval", "4", "--set", "diffusion.sample_steps=2",
                     "--min-lr", "1e-4", "--warmup", "1", "--weight-decay", "0.03",
                     "--per-sample-noise", "--decay-groups"], _env(out), ROOT, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     rows = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
-    assert [r["step"] for r in rows[:-1]] == [1, 2]
-    for r in rows[:-1]:
+    reports = [r for r in rows if "heldout" not in r]
+    scored = [r for r in rows if "heldout" in r]
+    assert [r["step"] for r in reports] == [2, 4]
+    assert [r["step"] for r in scored] == [2, 4]
+    for r in reports:
         assert r["i2t_loss"] > 0 and r["t2i_loss"] > 0 and r["i2t_ratio"] > 0 and r["t2i_ratio"] > 0
-    held = rows[-1]["heldout"]
-    # configs/tiny.yaml's scales: 2 for text-to-image, 1 for captioning
-    assert (held.pop("guidance_scale"), held.pop("caption_guidance_scale")) == (2.0, 1.0)
-    assert all(0.0 <= v <= 1.0 for v in held.values())
+    for r in scored:
+        held = r["heldout"]
+        # configs/tiny.yaml's scales: 2 for text-to-image, 1 for captioning
+        assert (held.pop("guidance_scale"), held.pop("caption_guidance_scale")) == (2.0, 1.0)
+        assert all(0.0 <= v <= 1.0 for v in held.values())
+    with Image.open(out / "probe_curve.png") as im:  # the learning curve of --plot decodes
+        assert im.format == "PNG" and min(im.size) > 100
+
+
+def test_conditioning_probe_eval_every_needs_a_corpus(tmp_path):
+    """--eval-every without --corpus is refused before anything loads, naming what to add."""
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "conditioning_probe.py"), "--data", str(tmp_path),
+                        "--vae", str(tmp_path / "vae.pt"), "--eval-every", "5"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    assert "--eval-every needs --corpus" in p.stderr

@@ -35,6 +35,20 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+CURVE_LINES = {"text_to_image": "text-to-image", "text_to_image_shape": "text-to-image: shape",
+               "text_to_image_colour": "text-to-image: colour", "captioning": "captioning"}
+
+
+def plot_heldout_curve(curve: list[tuple[int, dict]], path: str | Path, title: str) -> Path:
+    """PNG of the held-out figures (``CURVE_LINES``) against the training step; ``curve`` holds
+    (step, figures) pairs, figures as in the ``heldout`` report lines."""
+    from mdm_dist.viz import line_plot
+
+    steps_at = [s for s, _ in curve]
+    return line_plot({label: (steps_at, [q[k] for _, q in curve]) for k, label in CURVE_LINES.items()}, path,
+                     xlabel="training step", ylabel="held-out fraction right", title=title)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -161,14 +175,7 @@ def main(argv=None) -> int:
     if args.corpus and (not args.eval_every or args.steps % args.eval_every):
         heldout(step)
     if args.plot:
-        from mdm_dist.viz import line_plot
-
-        steps_at = [s for s, _ in curve]
-        names = {"text_to_image": "text-to-image", "text_to_image_shape": "text-to-image: shape",
-                 "text_to_image_colour": "text-to-image: colour", "captioning": "captioning"}
-        line_plot({label: (steps_at, [q[k] for _, q in curve]) for k, label in names.items()}, args.plot,
-                  xlabel="training step", ylabel="held-out fraction right",
-                  title=f"held-out figures, {len(records)} prompts / images")
+        plot_heldout_curve(curve, args.plot, f"held-out figures, {len(records)} prompts / images")
         print(f"conditioning_probe: wrote {args.plot}", file=sys.stderr)
     return 0
 

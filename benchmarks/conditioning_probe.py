@@ -11,7 +11,8 @@ the held-out text-to-image and captioning figures at the end.
 It is the loop behind the probe figures of benchmarks/demo_results.md: AdamW at a constant lr
 unless ``--min-lr`` gives the trainer's warm-up + cosine schedule (no ZeRO, no sequence
 parallelism: the question is what the objective and the model learn per sample, not how the
-distributed trainer runs), gradient clipping at train.grad_clip,
+distributed trainer runs), gradient clipping at train.grad_clip (``--set train.optimizer=muon``
+takes the trainer's Muon + AdamW, clipped before Muon as there: mdm_dist/train/optim.py),
 the UnifiedVAE from ``--vae`` with its image path frozen as in pretraining. ``--per-sample-noise``
 and ``--decay-groups`` take the trainer's two other choices: every sample's draws from its own
 generator seeded by (train.seed, step, key) (mdm_dist/train/noise.py), and no weight decay on
@@ -25,6 +26,7 @@ true on a fixed batch of 128 samples (1.00 = the condition is ignored).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -103,6 +105,7 @@ def main(argv=None) -> int:
     from mdm_dist.models.mdm import build_model
     from mdm_dist.train.engine import LossModule, load_pretrained_vae, param_groups
     from mdm_dist.train.noise import SampleNoise
+    from mdm_dist.train.optim import build_optimizer, set_lr
     from mdm_dist.train.schedule import lr_at
 
     torch.set_num_threads(args.threads)
@@ -122,8 +125,11 @@ def main(argv=None) -> int:
     model.vae.freeze_for_pretraining()
     params = [p for p in model.parameters() if p.requires_grad]
     loss_module = LossModule(model, cfg)
-    groups = param_groups(model, args.weight_decay) if args.decay_groups else params
-    opt = torch.optim.AdamW(groups, lr=args.lr, betas=tuple(cfg.train.betas), weight_decay=args.weight_decay)
+    if cfg.train.optimizer == "muon":  # the trainer's groups and optimizer (mdm_dist/train/optim.py)
+        opt = build_optimizer(model, dataclasses.replace(cfg.train, lr=args.lr, weight_decay=args.weight_decay))
+    else:
+        groups = param_groups(model, args.weight_decay) if args.decay_groups else params
+        opt = torch.optim.AdamW(groups, lr=args.lr, betas=tuple(cfg.train.betas), weight_decay=args.weight_decay)
     fixed_batch = probe_batch(args.data, cfg, 128, seed=args.seed + 99)  # also prepares streaming
     coll = MDMCollator(cfg.vae.max_text_len, cfg.vae.pad_id)
     ds = build_dataset(args.data, batch_size=args.batch, shuffle=True, seed=args.seed + 1)
@@ -150,8 +156,7 @@ def main(argv=None) -> int:
     while step < args.steps:
         for batch in build_loader(ds, args.batch, coll):
             if args.min_lr is not None:  # the trainer's schedule (mdm_dist/train/schedule.py)
-                for group in opt.param_groups:
-                    group["lr"] = lr_at(step, args.lr, args.min_lr, args.warmup, args.steps)
+                set_lr(opt, lr_at(step, args.lr, args.min_lr, args.warmup, args.steps))
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
                 if args.per_sample_noise:  # the trainer's loss call (mdm_dist/train/engine.py: train_step)
                     noise = SampleNoise(batch["key"], cfg.train.seed, step)
@@ -160,7 +165,7 @@ def main(argv=None) -> int:
                     loss = mdm_loss(model, batch, cfg, generator=g)["total"]
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
+            torch.nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)  # before Muon too, as the trainer
             opt.step()
             step += 1
             if step % args.every == 0 or step == args.steps:

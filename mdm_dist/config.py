@@ -173,6 +173,11 @@ class TrainConfig:
     min_lr: float = 2e-5
     weight_decay: float = 0.03
     betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    # adamw: AdamW on every parameter; muon: Muon on the hidden weight matrices (their lr is
+    # muon_lr, on the same warm-up and cosine), AdamW at lr on the rest (mdm_dist/train/optim.py)
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
     warmup_steps: int = 100
     max_steps: int = 1000
     global_batch_size: int = 32
@@ -425,6 +430,15 @@ def _check(cfg: Config, where: str) -> None:
     if not (cfg.train.time_budget_s >= 0.0 and math.isfinite(cfg.train.time_budget_s)):
         raise ConfigError(f"{where}: 'train.time_budget_s' = {cfg.train.time_budget_s}; it must be a finite number "
                           "of seconds >= 0 (0 = no budget: train.max_steps steps)")
+    for key in ("muon_lr", "muon_momentum"):
+        v = getattr(cfg.train, key)
+        if not (math.isfinite(v) and v > 0 and (key != "muon_momentum" or v < 1)):
+            raise ConfigError(f"{where}: 'train.{key}' = {v}; it must be a finite number "
+                              + ("in (0, 1) (0.95 is usual)" if key == "muon_momentum" else "> 0 (0.02 is usual)"))
+    if cfg.train.optimizer == "muon" and cfg.parallel.zero_stage != 3:
+        raise ConfigError(f"{where}: 'train.optimizer' = muon needs 'parallel.zero_stage' = 3 (got "
+                          f"{cfg.parallel.zero_stage}): the trainer clips the gradient before DeepSpeed's ZeRO-3 "
+                          "Muon step; stages 0-2 cannot (use train.optimizer=adamw there)")
     if cfg.train.global_batch_size % cfg.train.micro_batch_size:
         raise ConfigError(
             f"{where}: 'train.global_batch_size' must be a multiple of 'train.micro_batch_size'"

@@ -178,6 +178,22 @@ def test_zero3_two_ranks_match_one_rank_and_resume_is_exact(work, reference):
     assert_losses_close(got, losses(two), [3, 4], "resumed vs uninterrupted", rtol=1e-6)
 
 
+def test_muon_two_ranks_match_one_rank_and_resume_is_exact(work):
+    """train.optimizer=muon through the trainer: ZeRO-3 on 2 ranks takes the steps of one process
+    (whose 2 micro-batches accumulate before Muon orthogonalizes), and a resume from step 2 restores
+    the Muon momentum with the rest (steps 3-4 as uninterrupted)."""
+    tmp = work["tmp"]
+    common = EXACT + ["train.max_steps=4", "parallel.zero_stage=3", "train.optimizer=muon", "train.muon_lr=0.05"]
+    one, two, resumed = tmp / "muon_one", tmp / "muon_two", tmp / "muon_resumed"
+    run_pretrain(tmp, one, work["data"], common)
+    run_pretrain(tmp, two, work["data"], common + ["train.save_every=2"], ranks=2)
+    assert json.loads((two / "ds_config.json").read_text())["gradient_clipping"] == 0.0
+    assert_losses_close(losses(two), losses(one), [1, 2, 3, 4], "Muon, ZeRO-3 dp=2 vs one process")
+    p = run_pretrain(tmp, resumed, work["data"], common, ranks=2, resume=str(two / "checkpoints" / "step_00000002"))
+    assert "at step 2" in p.stdout and sorted(losses(resumed)) == [3, 4]
+    assert_losses_close(losses(resumed), losses(two), [3, 4], "Muon: resumed vs uninterrupted", rtol=1e-6)
+
+
 def test_sequence_parallel_2_matches_one_rank(work, reference):
     tmp = work["tmp"]
     sp = tmp / "sp2"

@@ -89,3 +89,109 @@ def test_adamw_groups_skip_decay_for_vectors_and_marked():
     decay, no_decay = param_groups(m, 0.1)
     assert [p.shape for p in decay["params"]] == [torch.Size([4, 3])] and decay["weight_decay"] == 0.1
     assert len(no_decay["params"]) == 4 and no_decay["weight_decay"] == 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# Muon on the hidden matrices + AdamW on the rest (mdm_dist/train/optim.py)
+# ----------------------------------------------------------------------------------------------
+
+MUON_TINY = ["model.d_model=32", "model.headdim=8", "model.d_state=8", "model.chunk_size=8", "model.n_layers=2",
+             "model.attention_every=1", "model.attn_heads=4", "vae.image_size=16", "vae.channel_mult=[1,2]",
+             "vae.base_channels=8", "vae.trunk_width=32", "vae.vocab_size=40", "vae.max_text_len=6", "vae.d_z=8",
+             "train.optimizer=muon", "train.lr=1e-3", "train.muon_lr=0.05", "train.weight_decay=0.1"]
+
+
+def _muon_model():
+    from mdm_dist.models.mdm import build_model
+
+    cfg = load_config(None, MUON_TINY)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    model.vae.freeze_for_pretraining()
+    return cfg, model
+
+
+def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
+    from mdm_dist.train.optim import build_optimizer, uses_muon
+
+    cfg, model = _muon_model()
+    names = {n for n, p in model.named_parameters() if p.requires_grad and uses_muon(n, p)}
+    # layers 0 and 2 Mamba, layers 1 and 3 attention + MLP, layer 2 Mamba, layer 3 attention + MLP; both time MLPs
+    # (one Mamba mixer per scan direction: the default config scans 4)
+    expected = {f"backbone.layers.{i}.mixers.{k}.{w}.weight" for i in (0, 2) for k in range(4)
+                for w in ("in_proj", "out_proj")}
+    expected |= {f"backbone.layers.{i}.{w}.weight" for i in (1,) for w in ("attn.qkv", "attn.out", "mlp.0", "mlp.2")}
+    expected |= {f"backbone.time_{s}.mlp.{j}.weight" for s in ("txt", "img") for j in (0, 2)}
+    assert names == expected
+    opt = build_optimizer(model, cfg.train)
+    muon = [g for g in opt.param_groups if g["use_muon"]]
+    assert len(muon) == 1 and {id(p) for p in muon[0]["params"]} == {
+        id(p) for n, p in model.named_parameters() if n in expected}
+    assert muon[0]["lr"] == 0.05 and muon[0]["lr_scale"] == pytest.approx(50.0)
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == trainable  # every one, once
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(trainable)
+
+
+def test_muon_step_orthogonalizes_the_nesterov_momentum_and_adamw_matches_torch():
+    """One step from fresh state: every Muon matrix moves by lr * (decay + U S V^T * sqrt(max(1, r/c)))
+    with U, V the singular vectors (float64 SVD) of its Nesterov momentum and S near 1 (the
+    Newton-Schulz quintic's band, for singular values not tiny against the Frobenius norm); every other parameter moves exactly as torch's AdamW moves it."""
+    from mdm_dist.train.optim import build_optimizer, set_lr, uses_muon
+
+    cfg, model = _muon_model()
+    opt = build_optimizer(model, cfg.train)
+    set_lr(opt, 0.5e-3)  # the schedule's value: Muon gets 0.5e-3 * 50
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    g = torch.Generator().manual_seed(1)
+    for _, p in named:
+        p.grad = torch.randn(p.shape, generator=g)
+    before = {n: p.detach().clone() for n, p in named}
+    ref = {n: nn.Parameter(p.detach().clone()) for n, p in named if not uses_muon(n, p)}
+    for n, p in ref.items():
+        p.grad = dict(named)[n].grad.clone()
+    decayed = [p for n, p in ref.items() if p.dim() >= 2 and not getattr(dict(named)[n], "_no_weight_decay", False)]
+    ref_opt = torch.optim.AdamW([{"params": decayed, "weight_decay": 0.1},
+                                 {"params": [p for p in ref.values() if all(p is not q for q in decayed)],
+                                  "weight_decay": 0.0}], lr=0.5e-3, betas=tuple(cfg.train.betas), eps=1e-8)
+    opt.step()
+    ref_opt.step()
+    lr_muon, beta = 0.5e-3 * 50, cfg.train.muon_momentum
+    for n, p in named:
+        if n in ref:
+            torch.testing.assert_close(p.detach(), ref[n].detach(), rtol=1e-6, atol=1e-7, msg=n)
+            continue
+        step = (before[n] * (1 - lr_muon * 0.1) - p.detach()).double() / lr_muon  # the applied update
+        grad = p.grad.double()
+        nesterov = grad + beta * ((1 - beta) * grad - grad)  # grad.lerp(momentum, beta), momentum = (1 - beta) grad
+        u, sv, vh = torch.linalg.svd(nesterov, full_matrices=False)
+        core = u.T @ step @ vh.T
+        rows, cols = p.shape
+        scale = math.sqrt(max(1.0, rows / cols))
+        diag = torch.diagonal(core) / scale
+        off = core - torch.diag(torch.diagonal(core))
+        assert off.abs().max() < 0.02 * scale, (n, off.abs().max())
+        # five quintic steps lift every singular value above 1% of the Frobenius norm into the
+        # band; smaller ones (near-singular square matrices) rise less, but keep their sign
+        big = sv / sv.norm() > 0.01
+        assert diag[big].min() > 0.6 and diag.max() < 1.25 and diag.min() > 0, (n, diag.min(), diag.max())
+        assert big.float().mean() > 0.8, n
+
+
+def test_muon_config_is_checked_and_deepspeed_clipping_is_off():
+    from mdm_dist.config import ConfigError
+    from mdm_dist.parallel.zero import deepspeed_config
+
+    with pytest.raises(ConfigError, match="train.optimizer.*adamw.*muon"):
+        load_config(None, ["train.optimizer=lion"])
+    with pytest.raises(ConfigError, match="train.muon_momentum"):
+        load_config(None, ["train.muon_momentum=1.0"])
+    with pytest.raises(ConfigError, match="train.muon_lr"):
+        load_config(None, ["train.muon_lr=0"])
+    with pytest.raises(ConfigError, match="zero_stage' = 3.*got 2"):
+        load_config(None, ["train.optimizer=muon", "parallel.zero_stage=2"])
+    cfg = load_config(None, ["train.optimizer=muon", "train.global_batch_size=4", "train.micro_batch_size=2"])
+    ds = deepspeed_config(cfg, 2)  # the trainer clips before Muon instead (tests/test_parallel_zero.py)
+    assert ds["gradient_clipping"] == 0.0 and ds["zero_optimization"]["reduce_scatter"] is False
+    plain = load_config(None, ["train.global_batch_size=4", "train.micro_batch_size=2"])
+    assert deepspeed_config(plain, 2)["gradient_clipping"] == plain.train.grad_clip

@@ -89,8 +89,9 @@ def deepspeed_config(cfg: Config, world_size: int, device_type: str = "cpu") -> 
     ``dp = world_size / parallel.sequence_parallel``. DeepSpeed's data-parallel world is every rank
     (the ranks of a sequence-parallel group see the same samples, see ``groups.py``), so its
     ``train_batch_size`` counts each sample once per SP rank: ``global_batch_size * sp``. The
-    optimizer and the LR schedule are the trainer's (a client ``torch.optim.AdamW``), hence
-    ``zero_allow_untested_optimizer``. ``parallel.deepspeed_config`` names a JSON file merged
+    optimizer and the LR schedule are the trainer's (a client ``torch.optim.AdamW``, or DeepSpeed's
+    ``MuonWithAuxAdam`` under ``train.optimizer: muon``, with reduce-scatter off as its ZeRO-3
+    path requires), hence ``zero_allow_untested_optimizer``. ``parallel.deepspeed_config`` names a JSON file merged
     over the result (nested keys one by one).
     """
     t, p = cfg.train, cfg.parallel
@@ -133,6 +134,12 @@ def deepspeed_config(cfg: Config, world_size: int, device_type: str = "cpu") -> 
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if t.optimizer == "muon":
+        # DeepSpeed's ZeRO-3 Muon path gathers whole gradients (it refuses reduce-scatter) and would
+        # take its clipping norm over the orthogonalized updates; the trainer clips the raw
+        # gradient before Muon instead (mdm_dist/train/optim.py: clip_before_muon)
+        ds["zero_optimization"]["reduce_scatter"] = False
+        ds["gradient_clipping"] = 0.0
     if p.deepspeed_config:
         path = Path(p.deepspeed_config)
         if not path.is_file():

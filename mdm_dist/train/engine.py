@@ -2,7 +2,8 @@
 
 The parallelism is applied to the plain model by the functions of ``mdm_dist.parallel``, in
 torchtitan's order: build (partitioned under ZeRO-3) -> ZeRO-3 safety -> activation
-checkpointing -> sequence parallel -> ``deepspeed.initialize`` with a client AdamW.
+checkpointing -> sequence parallel -> ``deepspeed.initialize`` with a client optimizer (AdamW, or
+Muon + AdamW: ``mdm_dist.train.optim``).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch import nn
 from mdm_dist.config import Config, ConfigError
 from mdm_dist.diffusion import mdm_loss
 from mdm_dist.train.noise import SampleNoise, per_sample_noise
+from mdm_dist.train.optim import build_optimizer, clip_before_muon, param_groups, set_lr  # noqa: F401 (param_groups: re-export)
 
 LOSS_TERMS = ("total", "rec_img", "rec_txt", "kl", "se_txt", "se_img", "align")
 
@@ -70,19 +72,6 @@ class LossModule(nn.Module):
             return mdm_loss(self.mdm, batch, self.cfg, fixed=fixed)
         with per_sample_noise(self.mdm.vae, noise):
             return mdm_loss(self.mdm, batch, self.cfg, fixed=fixed)
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: no weight decay for parameters marked ``_no_weight_decay`` (A_log, D, dt_bias)
-    or with fewer than 2 dimensions (biases, norms, per-channel vectors); decay for the rest.
-    Shapes are read from ``ds_shape`` under ZeRO-3 (partitioned parameters are empty)."""
-    decay, no_decay = [], []
-    for _, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        ndim = len(getattr(p, "ds_shape", p.shape))
-        (no_decay if getattr(p, "_no_weight_decay", False) or ndim < 2 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 @dataclass
@@ -151,8 +140,9 @@ def build_training(cfg: Config, device: torch.device) -> Training:
     apply_sequence_parallel(mdm, groups.sp_group)
     model = LossModule(mdm, cfg)
     t = cfg.train
-    opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas))
-    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=build_optimizer(model, cfg.train), config=ds)
+    if t.optimizer == "muon":  # clip the raw gradient, then Muon (DeepSpeed's own clipping is off)
+        clip_before_muon(engine.optimizer, t.grad_clip)
     return Training(engine, model, mdm, ds, groups, device, int(ds["zero_optimization"]["stage"]),
                     seq_len, mdm.vae.num_image_tokens)
 
@@ -212,8 +202,7 @@ def train_step(tr: Training, cfg: Config, micro_batches: list[dict], step: int, 
     optimizer update. A finite loss with a non-finite gradient norm is discarded the same way.
     """
     engine = tr.engine
-    for g in engine.optimizer.param_groups:
-        g["lr"] = lr
+    set_lr(engine.optimizer, lr)
     sums = {k: 0.0 for k in LOSS_TERMS}
     counts = {k: 0 for k in LOSS_TERMS}
     bad_loss = False
@@ -245,7 +234,8 @@ def train_step(tr: Training, cfg: Config, micro_batches: list[dict], step: int, 
             engine.skipped_steps += 1
     else:
         skipped = engine.skipped_steps > skipped_before
-        gn = engine.get_global_grad_norm()
+        gn = getattr(engine.optimizer, "raw_grad_norm", None)  # under Muon: before it (optim.clip_before_muon)
+        gn = engine.get_global_grad_norm() if gn is None else gn
         grad_norm = None if gn is None else float(gn)
     # mean of every term over micro-batches and ranks (SP ranks hold identical copies)
     vec = torch.tensor([sums[k] for k in LOSS_TERMS] + [float(counts[k]) for k in LOSS_TERMS], dtype=torch.float64)

@@ -182,14 +182,12 @@ def test_muon_config_is_checked_and_deepspeed_clipping_is_off():
     from mdm_dist.config import ConfigError
     from mdm_dist.parallel.zero import deepspeed_config
 
-    with pytest.raises(ConfigError, match="train.optimizer.*adamw.*muon"):
-        load_config(None, ["train.optimizer=lion"])
-    with pytest.raises(ConfigError, match="train.muon_momentum"):
-        load_config(None, ["train.muon_momentum=1.0"])
-    with pytest.raises(ConfigError, match="train.muon_lr"):
-        load_config(None, ["train.muon_lr=0"])
-    with pytest.raises(ConfigError, match="zero_stage' = 3.*got 2"):
-        load_config(None, ["train.optimizer=muon", "parallel.zero_stage=2"])
+    for overrides, message in [(["train.optimizer=lion"], "train.optimizer.*adamw.*muon"),
+                               (["train.muon_momentum=1.0"], "train.muon_momentum.*in \\(0, 1\\)"),
+                               (["train.muon_lr=0"], "train.muon_lr.*> 0"),
+                               (["train.optimizer=muon", "parallel.zero_stage=2"], "zero_stage' = 3.*got 2")]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, overrides)
     cfg = load_config(None, ["train.optimizer=muon", "train.global_batch_size=4", "train.micro_batch_size=2"])
     ds = deepspeed_config(cfg, 2)  # the trainer clips before Muon instead (tests/test_parallel_zero.py)
     assert ds["gradient_clipping"] == 0.0 and ds["zero_optimization"]["reduce_scatter"] is False

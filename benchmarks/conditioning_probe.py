@@ -16,7 +16,7 @@ takes the trainer's Muon + AdamW, clipped before Muon as there: mdm_dist/train/o
 the UnifiedVAE from ``--vae`` with its image path frozen as in pretraining. ``--per-sample-noise``
 and ``--decay-groups`` take the trainer's two other choices: every sample's draws from its own
 generator seeded by (train.seed, step, key) (mdm_dist/train/noise.py), and no weight decay on
-1-D parameters (mdm_dist/train/engine.py: param_groups). ``--dtype bfloat16`` runs the loss under
+1-D parameters (mdm_dist/train/optim.py: param_groups). ``--dtype bfloat16`` runs the loss under
 torch.autocast(bfloat16) with fp32 weights, as the trainer does under ``train.dtype: bfloat16``
 (DeepSpeed's torch_autocast); the reports and the held-out sampling stay in fp32. Each report line:
 step, seconds, and for i2t and t2i the loss with the true conditions and the ratio shuffled /
@@ -103,9 +103,9 @@ def main(argv=None) -> int:
     from mdm_dist.eval.conditioning import condition_reliance, probe_batch
     from mdm_dist.eval.heldout import evaluate, heldout_images, heldout_records
     from mdm_dist.models.mdm import build_model
-    from mdm_dist.train.engine import LossModule, load_pretrained_vae, param_groups
+    from mdm_dist.train.engine import LossModule, load_pretrained_vae
     from mdm_dist.train.noise import SampleNoise
-    from mdm_dist.train.optim import build_optimizer, set_lr
+    from mdm_dist.train.optim import build_optimizer, param_groups, set_lr
     from mdm_dist.train.schedule import lr_at
 
     torch.set_num_threads(args.threads)

@@ -430,11 +430,12 @@ def _check(cfg: Config, where: str) -> None:
     if not (cfg.train.time_budget_s >= 0.0 and math.isfinite(cfg.train.time_budget_s)):
         raise ConfigError(f"{where}: 'train.time_budget_s' = {cfg.train.time_budget_s}; it must be a finite number "
                           "of seconds >= 0 (0 = no budget: train.max_steps steps)")
-    for key in ("muon_lr", "muon_momentum"):
-        v = getattr(cfg.train, key)
-        if not (math.isfinite(v) and v > 0 and (key != "muon_momentum" or v < 1)):
-            raise ConfigError(f"{where}: 'train.{key}' = {v}; it must be a finite number "
-                              + ("in (0, 1) (0.95 is usual)" if key == "muon_momentum" else "> 0 (0.02 is usual)"))
+    if not (math.isfinite(cfg.train.muon_lr) and cfg.train.muon_lr > 0):
+        raise ConfigError(f"{where}: 'train.muon_lr' = {cfg.train.muon_lr}; it must be a finite number > 0 "
+                          "(0.02 is usual)")
+    if not 0 < cfg.train.muon_momentum < 1:
+        raise ConfigError(f"{where}: 'train.muon_momentum' = {cfg.train.muon_momentum}; it must lie in (0, 1) "
+                          "(0.95 is usual)")
     if cfg.train.optimizer == "muon" and cfg.parallel.zero_stage != 3:
         raise ConfigError(f"{where}: 'train.optimizer' = muon needs 'parallel.zero_stage' = 3 (got "
                           f"{cfg.parallel.zero_stage}): the trainer clips the gradient before DeepSpeed's ZeRO-3 "

@@ -8,7 +8,7 @@ from torch import nn
 
 from mdm_dist.config import load_config
 from mdm_dist.train.ema import EMA
-from mdm_dist.train.engine import param_groups
+from mdm_dist.train.optim import param_groups
 from mdm_dist.train.noise import SampleNoise
 from mdm_dist.train.schedule import lr_at
 

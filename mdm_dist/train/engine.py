@@ -22,7 +22,7 @@ from torch import nn
 from mdm_dist.config import Config, ConfigError
 from mdm_dist.diffusion import mdm_loss
 from mdm_dist.train.noise import SampleNoise, per_sample_noise
-from mdm_dist.train.optim import build_optimizer, clip_before_muon, param_groups, set_lr  # noqa: F401 (param_groups: re-export)
+from mdm_dist.train.optim import build_optimizer, clip_before_muon, set_lr
 
 LOSS_TERMS = ("total", "rec_img", "rec_txt", "kl", "se_txt", "se_img", "align")
 

@@ -29,7 +29,6 @@ train.lr`` for the Muon group, so both follow the same warm-up and cosine.
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 from torch import nn
@@ -54,15 +53,21 @@ def _named(model: nn.Module):
             yield name.removeprefix("mdm."), p  # LossModule wraps the MDM as .mdm
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: no weight decay for parameters marked ``_no_weight_decay`` (A_log, D, dt_bias)
-    or with fewer than 2 dimensions (biases, norms, per-channel vectors); decay for the rest.
-    Shapes are read from ``ds_shape`` under ZeRO-3 (partitioned parameters are empty)."""
+def _decay_groups(params: list, weight_decay: float, **extra) -> list[dict]:
+    """AdamW's two groups of ``params``: no weight decay for parameters marked ``_no_weight_decay``
+    (A_log, D, dt_bias) or with fewer than 2 dimensions (biases, norms, per-channel vectors);
+    ``weight_decay`` for the rest. ``extra`` keys go into both groups."""
     decay, no_decay = [], []
-    for _, p in _named(model):
+    for p in params:
         (no_decay if getattr(p, "_no_weight_decay", False) or len(_shape(p)) < 2 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay, "lr_scale": 1.0},
-            {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}]
+    return [dict(params=decay, weight_decay=weight_decay, lr_scale=1.0, **extra),
+            dict(params=no_decay, weight_decay=0.0, lr_scale=1.0, **extra)]
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups of every trainable parameter (see ``_decay_groups``). Shapes are read from
+    ``ds_shape`` under ZeRO-3 (partitioned parameters are empty)."""
+    return _decay_groups([p for _, p in _named(model)], weight_decay)
 
 
 def build_optimizer(model: nn.Module, t) -> torch.optim.Optimizer:
@@ -72,26 +77,18 @@ def build_optimizer(model: nn.Module, t) -> torch.optim.Optimizer:
     # Muon's Newton-Schulz functions are wrapped in torch.compile; on CPU that is an inductor
     # build per matrix shape (seconds each) for no gain at these sizes, so run them eagerly there.
     if not torch.cuda.is_available():
-        os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
         import torch._dynamo as dynamo
 
         dynamo.config.disable = True
     from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam
 
-    muon, decay, no_decay = [], [], []
+    muon, rest = [], []
     for name, p in _named(model):
         p.use_muon = uses_muon(name, p)  # DeepSpeed's ZeRO-3 reads the tag
-        if p.use_muon:
-            muon.append(p)
-        elif getattr(p, "_no_weight_decay", False) or len(_shape(p)) < 2:
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    adam = dict(use_muon=False, lr=t.lr, betas=tuple(t.betas), eps=1e-8, lr_scale=1.0)
+        (muon if p.use_muon else rest).append(p)
     groups = [dict(params=muon, use_muon=True, lr=t.muon_lr, momentum=t.muon_momentum,
-                   weight_decay=t.weight_decay, ns_method="gram", lr_scale=t.muon_lr / t.lr),
-              dict(params=decay, weight_decay=t.weight_decay, **adam),
-              dict(params=no_decay, weight_decay=0.0, **adam)]
+                   weight_decay=t.weight_decay, ns_method="gram", lr_scale=t.muon_lr / t.lr)]
+    groups += _decay_groups(rest, t.weight_decay, use_muon=False, lr=t.lr, betas=tuple(t.betas), eps=1e-8)
     return MuonWithAuxAdam([g for g in groups if g["params"]])
 
 

@@ -9,6 +9,10 @@
 It runs the trainer's own step (``mdm_dist.train.engine.train_step``: DeepSpeed engine, per-sample
 noise, guard) on synthetic batches of the config's shapes (random caption ids and image latents),
 so it needs no data and measures the model + parallelism alone. ``--warmup`` steps are not timed.
+The result also splits the timed steps' mean time into the engine's forward, backward and
+optimizer step (``phase_ms``, rank 0's host clock; on a GPU, where kernels run asynchronously,
+the split is only indicative): on CPU, with ZeRO-3 and sequence parallelism, a
+step carries fixed costs (collectives, the optimizer step) that larger micro-batches amortize.
 MFU uses the training FLOPs per sample of ``mdm_dist.inspect`` and the device's bf16 peak (null on
 CPU). Prints one line per result and, with ``--json``, writes them (rank 0).
 """
@@ -94,7 +98,22 @@ def main(argv=None) -> int:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
+    phases = {"forward": 0.0, "backward": 0.0, "step": 0.0}
+    timing = [False]  # the warm-up steps are not timed
+
+    def timed(name, fn):
+        def call(*a, **kw):
+            t = time.perf_counter()
+            out = fn(*a, **kw)
+            if timing[0]:
+                phases[name] += time.perf_counter() - t
+            return out
+        return call
+
+    for name in phases:  # instance attributes: train_step's engine(...) goes through __call__ -> forward
+        setattr(tr.engine, name, timed(name, getattr(tr.engine, name)))
     for step in range(args.warmup + args.steps):
+        timing[0] = step >= args.warmup
         if device.type == "cuda":
             torch.cuda.synchronize()
         dist.barrier()
@@ -104,6 +123,7 @@ def main(argv=None) -> int:
             torch.cuda.synchronize()
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
+    timing[0] = False
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
@@ -138,13 +158,15 @@ def main(argv=None) -> int:
         "steps_per_s": 1.0 / step_s, "samples_per_s": sps, "tokens_per_s": sps * tr.seq_len,
         "train_flops_per_sample": flops, "mfu": flops * sps / (world * peak) if peak else None,
         "peak_mem_gb": mem,
+        "step_ms": 1000 * step_s, "phase_ms": {k: 1000 * v / len(times) for k, v in phases.items()},
     }
     if rank == 0:
         mfu = "n/a (no peak known)" if result["mfu"] is None else f"{result['mfu']:.1%}"
         print(f"{args.config} world={world} zero={tr.zero_stage} sp={tr.groups.sp_size} "
               f"ckpt={cfg.train.activation_checkpointing} batch={cfg.train.global_batch_size}: "
               f"{result['steps_per_s']:.2f} steps/s, {sps:.1f} samples/s, {result['tokens_per_s']:.0f} tokens/s, "
-              f"MFU {mfu}, peak mem {mem:.2f} GB", flush=True)
+              f"MFU {mfu}, peak mem {mem:.2f} GB; per step {1000 * step_s:.0f} ms: "
+              + ", ".join(f"{k} {v:.0f}" for k, v in result["phase_ms"].items()), flush=True)
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=1))
     dist.destroy_process_group()

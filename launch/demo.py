@@ -15,8 +15,8 @@ user can run them by hand, one by one):
 4. ``encode``    data_prep/encode_laion.py: the corpus as MDS shards of image-latent moments + ids
 5. ``pretrain``  deepspeed --num_accelerators 2 launch/pretrain.py --config configs/tiny.yaml:
                  2 CPU processes, ZeRO-3, sequence parallelism 2 (OMP_NUM_THREADS=1 each), in
-                 bf16 autocast where the CPU has native bf16 (``--dtype``; then 2950 steps instead
-                 of the config's 2400, in about the same time), the
+                 bf16 autocast where the CPU has native bf16 (``--dtype``; then 1080 steps instead
+                 of the config's 870, in about the same time), the
                  UnifiedVAE started from stage 3 (``train.vae_checkpoint``), the ``cycle`` scan and
                  an attention block after each of the first 3 Mamba blocks (``--scan-mode``,
                  ``--attention-every``)
@@ -66,8 +66,8 @@ TARGETS = {"text_to_image": 0.80, "captioning": 0.80, "total_wall_s": 20 * 60}
 ONE = {"OMP_NUM_THREADS": "1"}
 # Pretraining steps under bf16 (the default where the CPU has native bf16): the 2-process trainer
 # runs 1.24x the samples/s of fp32 there (benchmarks/demo_results.md), so about as long as the
-# 2400 fp32 steps of configs/tiny.yaml
-BF16_STEPS = 2950
+# 870 fp32 steps of configs/tiny.yaml
+BF16_STEPS = 1080
 QUICK = {"num_samples": 256, "num_eval": 16, "vae_steps": 8, "steps": 6, "sample_steps": 4}
 # The time budget (--time-budget, default the 20-minute target) on a slower machine: the VAE stage
 # may spend at most VAE_SHARE of it, and pretraining what is left after the stages before it and
@@ -166,7 +166,9 @@ def pretrain_budget(args, spent_s: float) -> float:
 def stage_commands(args, out: Path, spent_s: float = 0.0) -> list[tuple[str, Path, list[str] | None, dict]]:
     """The stages; ``spent_s``: the seconds already spent when pretraining starts (its budget)."""
     corpus, tok, vae, mds, run = out / "corpus", out / "tokenizer", out / "vae", out / "mds", out / "run"
-    quick_sets = (["--set", "train.save_every=0", "--set", "train.log_every=1"] if args.quick else [])
+    # --quick: 32-sample steps (its corpus holds 256 images; configs/tiny.yaml's steps take 256)
+    quick_sets = (["--set", "train.save_every=0", "--set", "train.log_every=1", "--set", "train.global_batch_size=32",
+                   "--set", "train.micro_batch_size=32"] if args.quick else [])
     vae_sets = ["--set", f"train.max_steps={args.vae_steps}"] if args.vae_steps else []
     mdm_sets = ["--set", f"train.max_steps={args.steps}"] if args.steps else []
     if args.time_budget:

@@ -119,7 +119,7 @@ def main(argv=None) -> int:
     prepare_streaming_env()
     _, loader = loader_from_config(cfg)
     ema = EMA(tr.mdm, t.ema_decay, warmup=t.ema_warmup)
-    budget = StepBudget(t.time_budget_s, t.max_steps)
+    budget = StepBudget(t.time_budget_s, t.max_steps, warmup_steps=t.warmup_steps)
     step = 0
     found = resolve_resume(args.resume, ckpt_dir) if args.resume else None
     if found is not None:
@@ -152,7 +152,7 @@ def main(argv=None) -> int:
     while step < budget.max_steps:
         t0 = time.perf_counter()
         micro = [next(batches) for _ in range(gas)]
-        lr = lr_at(step, t.lr, t.min_lr, t.warmup_steps, budget.max_steps)
+        lr = lr_at(step, t.lr, t.min_lr, t.warmup_steps, budget.max_steps, budget.anchor)
         res = train_step(tr, cfg, micro, step, lr)
         if res.skipped:
             bad_streak, bad_total = bad_streak + 1, bad_total + 1

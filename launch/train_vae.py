@@ -183,7 +183,7 @@ def main(argv=None) -> int:
     opt = torch.optim.AdamW(vae.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=0.0)
     accum = max(1, t.global_batch_size // (t.micro_batch_size * world))
     gen = torch.Generator().manual_seed(t.seed * 1000 + rank)  # each rank draws its own batches
-    budget = StepBudget(t.time_budget_s, t.max_steps)
+    budget = StepBudget(t.time_budget_s, t.max_steps, warmup_steps=t.warmup_steps)
     t0 = time.time()
     bar = tqdm(total=t.max_steps, desc="VAE", unit="step", disable=rank != 0)
     history = []
@@ -192,7 +192,7 @@ def main(argv=None) -> int:
     while step < budget.max_steps:
         t_step = time.perf_counter()
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, t.lr, t.min_lr, t.warmup_steps, budget.max_steps)
+            group["lr"] = lr_at(step, t.lr, t.min_lr, t.warmup_steps, budget.max_steps, budget.anchor)
         opt.zero_grad(set_to_none=True)
         for _ in range(accum):
             idx = train[torch.randint(0, len(train), (t.micro_batch_size,), generator=gen)]

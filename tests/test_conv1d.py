@@ -55,6 +55,8 @@ CASES = [
     (1, 9, 5, 4, ("order", "noact")),
     (2, 5, 6, 1, ("order", "seq")),
     (1, 17, 8, 2, ("seq_any", "order")),
+    (2, 5, 6, 1, ("order", "nobias")),  # no seq_idx: the torch path's own autograd function
+    (3, 2, 7, 4, ()),  # fewer positions than taps
 ]
 
 
@@ -71,6 +73,21 @@ def test_torch_matches_reference_float64(case):
     assert rel_err(y, yr) < 1e-12
     for name in ref:
         assert rel_err(grads[name], ref[name]) < 1e-12, name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_low_precision_matches_reference(dtype):
+    """float32 and bfloat16 inputs (the trainer's dtypes) against the float64 loop; bf16 computes in
+    float32 inside and rounds once at the end."""
+    x, w, kw = make_inputs(4, 33, 40, 4, seed=7, opts=("order",), dtype=torch.float64)
+    yr, ref = with_grads(causal_conv1d_reference, x, w, kw)
+    lo = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in kw.items()}
+    y, grads = with_grads(lambda *a, **k: causal_conv1d(*a, **k, backend="torch"), x.to(dtype), w.to(dtype), lo)
+    assert y.dtype == dtype
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert rel_err(y.double(), yr) < tol
+    for name in ref:
+        assert rel_err(grads[name].double(), ref[name]) < tol, name
 
 
 def test_order_equals_permute_conv_unpermute():

@@ -72,6 +72,7 @@ CASES = [
     (100, 32, 4, 4, 1, 16, ("D2", "init", "final", "seq", "order")),
     (100, 16, 2, 8, 2, 8, ("z", "bias", "softplus", "seq_any", "final")),
     (64, 16, 4, 4, 4, 2, ("D1", "softplus", "bias", "init", "final", "order")),
+    (33, 64, 8, 4, 1, 16, ("D1", "z", "bias", "softplus", "seq", "order")),  # one chunk: no state kept
 ]
 
 
@@ -121,6 +122,25 @@ def test_gradients_match_reference_float64():
     ref = grads(ssd_scan_reference)
     for name in leaves:
         assert got[name] is not None, name
+        torch.testing.assert_close(got[name], ref[name], rtol=1e-9, atol=1e-10, msg=name)
+
+
+def test_one_chunk_gradients_match_reference_float64():
+    """A sequence within one chunk, no initial or final state: the chunked path skips the chunk
+    states and their recurrence; the gradients must still be the loop's."""
+    (x, dt, A, B, C), kw = make_inputs(2, 33, 4, 3, 2, 4, seed=13, opts=("z", "D2", "bias", "softplus", "seq", "order"))
+    leaves = {"x": x, "dt": dt, "A": A, "B": B, "C": C,
+              "D": kw.pop("D"), "z": kw.pop("z"), "dt_bias": kw.pop("dt_bias")}
+    w_y = torch.randn(x.shape, generator=torch.Generator().manual_seed(14), dtype=F64)
+
+    def grads(fn, **extra):
+        ls = {k: v.detach().clone().requires_grad_() for k, v in leaves.items()}
+        y = fn(ls["x"], ls["dt"], ls["A"], ls["B"], ls["C"], D=ls["D"], z=ls["z"], dt_bias=ls["dt_bias"], **kw, **extra)
+        (y * w_y).sum().backward()
+        return {k: v.grad for k, v in ls.items()}
+
+    got, ref = grads(ssd_scan_chunked, chunk_size=64), grads(ssd_scan_reference)
+    for name in leaves:
         torch.testing.assert_close(got[name], ref[name], rtol=1e-9, atol=1e-10, msg=name)
 
 

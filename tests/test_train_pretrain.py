@@ -239,8 +239,8 @@ def test_export_and_sample_script(work, reference):
 
 def test_time_budget_sets_the_step_count_and_the_schedule_and_resume_keeps_it(work):
     """A budget of seconds for 100000 steps: the run chooses its count after step 20 (inside the
-    20-step warmup, so the whole schedule is that of a run configured with that count) and trains
-    that many steps with the learning rate of that schedule at every step. A resume from the
+    20-step warmup, so the whole schedule is that of a run configured with that count), may re-plan
+    it later, and trains with the learning rate of the plan in force at every step. A resume from the
     checkpoint it ends with, under another budget, keeps the count. (The arithmetic, the ranks'
     agreement and the guard: tests/test_train_budget.py; the guard in a 2-rank run:
     tests/test_data_vae_stage.py.)"""
@@ -255,16 +255,22 @@ def test_time_budget_sets_the_step_count_and_the_schedule_and_resume_keeps_it(wo
     p = run_pretrain(tmp, run, work["data"], args + ["train.time_budget_s=15"])
     m = re.search(r"(\d+) of the configured 100000 steps fit", p.stdout)
     assert m, p.stdout[-3000:]
-    planned = int(m.group(1))
-    assert 20 <= planned < 100000
+    assert 20 <= int(m.group(1)) < 100000
     rows = metrics(run)
-    # the guard stops the run early only if the machine slowed down after the choice
+    state = torch.load(run / "checkpoints" / f"step_{len(rows):08d}" / "trainer_rank00000.pt", weights_only=False)
+    budget = state["extra"]["budget"]
+    planned, plans = budget["planned"], budget["plans"]
+    assert budget["elapsed_s"] > 0 and plans[0] == {**plans[0], "step": 20, "max_steps": int(m.group(1))}
+    # later re-plans (at 50% and 80% of the budget) are printed and recorded with their anchors
+    assert len(plans) == 1 + p.stdout.count("re-planned at step") and plans[-1]["max_steps"] == planned
+    # the guard stops the run early only if the machine slowed down after the last plan
     assert len(rows) == planned or "time budget of 15 s spent" in p.stdout
     t = load_config(REPO / "configs" / "tiny.yaml").train
-    for r in rows:
-        assert r["lr"] == pytest.approx(lr_at(r["step"] - 1, t.lr, t.min_lr, 20, planned), rel=1e-9)
-    state = torch.load(run / "checkpoints" / f"step_{len(rows):08d}" / "trainer_rank00000.pt", weights_only=False)
-    assert state["extra"]["budget"]["planned"] == planned and state["extra"]["budget"]["elapsed_s"] > 0
+    for r in rows:  # each step's rate is the schedule of the plan in force when it ran
+        s = r["step"] - 1
+        plan = [q for q in plans if q["step"] <= s][-1] if s >= 20 else plans[0]
+        anchor = None if plan["anchor"] is None else tuple(plan["anchor"])
+        assert r["lr"] == pytest.approx(lr_at(s, t.lr, t.min_lr, 20, plan["max_steps"], anchor), rel=1e-9)
 
     # resumed under a larger budget: the same count (nothing left to train, or the guard's rest)
     p = run_pretrain(tmp, run, work["data"], args + ["train.time_budget_s=1000"], resume="auto")

@@ -18,6 +18,11 @@ def test_lr_warmup_then_cosine_to_min():
     assert lrs[0] == 0.1 and lrs[9] == 1.0  # linear warmup reaches lr at the last warmup step
     assert lrs[10] == 1.0 and math.isclose(lrs[60], 0.55) and math.isclose(lrs[110], 0.1) and lrs[119] == 0.1
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    # an anchor at the warmup's end with progress 0 is the plain cosine; a later one continues it
+    assert [lr_at(s, 1.0, 0.1, 10, 110, (10, 0.0)) for s in range(120)] == lrs
+    anchored = [lr_at(s, 1.0, 0.1, 10, 210, (60, 0.5)) for s in range(60, 215)]
+    assert math.isclose(anchored[0], lrs[60]) and math.isclose(anchored[150], 0.1) and anchored[-1] == 0.1
+    assert math.isclose(lr_at(135, 1.0, 0.1, 10, 210, (60, 0.5)), 0.1 + 0.45 * (1 + math.cos(math.pi * 0.75)))
 
 
 def test_per_sample_noise_independent_of_batch_composition():

@@ -2,7 +2,7 @@
 
 One public entry point, :func:`causal_conv1d`, and its K-direction form
 :func:`causal_conv1d_multi`. Backends (same function, different speed):
-  * ``torch``: gather into scan order, ``F.conv1d`` / shifted taps, scatter back (``gathered.py``);
+  * ``torch``: gather into scan order, shifted multiply-adds per tap, scatter back (``gathered.py``);
     the CPU path.
   * ``reference``: a loop over scan steps (``reference.py``); the ground truth.
   * ``triton``: fused kernels, forward and backward, that read x by index and write y to the

@@ -1,6 +1,7 @@
 """mdm_dist.train pieces without processes: LR schedule, per-sample noise, EMA arithmetic, AdamW groups."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,8 @@ from mdm_dist.train.ema import EMA
 from mdm_dist.train.optim import param_groups
 from mdm_dist.train.noise import SampleNoise
 from mdm_dist.train.schedule import lr_at
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_lr_warmup_then_cosine_to_min():
@@ -49,6 +52,46 @@ def test_per_sample_noise_independent_of_batch_composition():
     assert e["img_mask"].shape == (3,) and e["img_mask_tokens"].shape == (3, 4)
     for k in a:
         torch.testing.assert_close(a[k], e[k], rtol=0, atol=0)
+
+
+def _one_by_one(cfg, keys, seed, step, num_image_tokens):
+    """The per-sample draws asked for one by one, each sample alone (the former implementation of
+    ``SampleNoise.fixed``): the batched draws must equal these exactly."""
+    from mdm_dist.diffusion import draw_tasks
+    from mdm_dist.train.noise import sample_seed
+
+    L, dz, T = cfg.vae.max_text_len, cfg.vae.d_z, num_image_tokens
+    rows = []
+    for k in keys:
+        g = torch.Generator().manual_seed(sample_seed(seed, step, k))
+        d = draw_tasks(cfg, 1, "cpu", g)
+        d["mask_noise"] = torch.rand((1, L), generator=g)
+        d["eps_img"] = torch.randn((1, T, dz), generator=g)
+        if cfg.diffusion.text_process == "gaussian":
+            d["eps_txt"] = torch.randn((1, L, dz), generator=g)
+        if cfg.model.self_condition:
+            d["sc"] = torch.rand((1,), generator=g)
+        if cfg.model.image_mask_prob > 0:
+            d["img_mask"] = torch.rand((1,), generator=g)
+            d["img_mask_tokens"] = torch.rand((1, T), generator=g)
+        rows.append(d)
+    return {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
+
+
+@pytest.mark.parametrize("sets", [
+    [],  # the demo's config: 12 text tokens, 16 image tokens of 16
+    ["vae.max_text_len=6", "vae.d_z=8", "model.self_condition=true", "model.image_mask_prob=0.5",
+     "diffusion.text_process=gaussian", "diffusion.image_time_power=3.0"],
+])
+def test_batched_sample_noise_equals_the_draws_one_by_one(sets):
+    cfg = load_config(REPO / "configs" / "tiny.yaml", sets)
+    keys = [f"k{i}" for i in range(7)]
+    got = SampleNoise(keys, seed=5, step=11).fixed(cfg, 16, "cpu")
+    ref = _one_by_one(cfg, keys, 5, 11, 16)
+    assert set(got) == set(ref)
+    for k in ref:
+        assert got[k].dtype == ref[k].dtype, k
+        torch.testing.assert_close(got[k], ref[k], rtol=0, atol=0, msg=k)
 
 
 def test_ema_update_and_state():

@@ -6,7 +6,9 @@
   ``sample_best_of`` (text-to-image, reranked by the model's own captioner).
 """
 
-from mdm_dist.diffusion.objectives import TASKS, absorb, draw_tasks, dsm_image_weight, mdm_loss, score_entropy_absorbing
+from mdm_dist.diffusion.objectives import (
+    TASKS, absorb, draw_tasks, dsm_image_weight, mdm_loss, score_entropy_absorbing, tasks_from_uniforms,
+)
 from mdm_dist.diffusion.samplers import (
     SAMPLERS, absorbing_step, caption_pseudo_log_likelihood, ddim_step, guide, pf_ode_drift, sample, sample_best_of,
 )
@@ -14,7 +16,7 @@ from mdm_dist.diffusion.schedules import LogLinearNoise, Schedules, VPSchedule, 
 
 __all__ = [
     "VPSchedule", "LogLinearNoise", "Schedules", "from_config",
-    "score_entropy_absorbing", "dsm_image_weight", "mdm_loss", "draw_tasks", "absorb", "TASKS",
+    "score_entropy_absorbing", "dsm_image_weight", "mdm_loss", "draw_tasks", "tasks_from_uniforms", "absorb", "TASKS",
     "sample", "sample_best_of", "caption_pseudo_log_likelihood", "guide", "pf_ode_drift", "ddim_step",
     "absorbing_step", "SAMPLERS",
 ]

@@ -189,18 +189,23 @@ def draw_tasks(cfg: Config, b: int, device, generator=None, fixed: dict | None =
     [t_eps, 1] for both modalities (before the task zeroes the time of the condition), with density
     ~ (t - t_eps) ** (k - 1), k = ``diffusion.image_time_power`` / ``text_time_power`` (1: uniform).
     Entries of ``fixed`` ("task", "drop", "t_txt", "t_img") replace the draws."""
+    u_task, u_drop, u_txt, u_img = (_uniform((b,), generator, device) for _ in range(4))
+    return tasks_from_uniforms(cfg, u_task, u_drop, u_txt, u_img, fixed)
+
+
+def tasks_from_uniforms(cfg: Config, u_task: torch.Tensor, u_drop: torch.Tensor, u_txt: torch.Tensor,
+                        u_img: torch.Tensor, fixed: dict | None = None) -> dict[str, torch.Tensor]:
+    """:func:`draw_tasks` from its four U[0, 1) draws per sample, each (b,): element-wise, so a
+    batch of draws gives what each sample's draws give alone (mdm_dist/train/noise.py)."""
     d = cfg.diffusion
     fixed = fixed or {}
+    b, device = u_task.shape[0], u_task.device
     probs = torch.tensor([float(d.task_probs.get(k, 0.0)) for k in TASKS], device=device)
-    u_task = _uniform((b,), generator, device)
-    u_drop = _uniform((b,), generator, device)
-    u_txt = _uniform((b,), generator, device)
-    u_img = _uniform((b,), generator, device)
     if "task" in fixed:
         task = _task_codes(fixed["task"], b, device)
     else:
         cdf = probs.cumsum(0) / probs.sum()
-        task = torch.searchsorted(cdf, u_task, right=True).clamp(max=len(TASKS) - 1)
+        task = torch.searchsorted(cdf, u_task.contiguous(), right=True).clamp(max=len(TASKS) - 1)
     drop = fixed["drop"].to(device=device, dtype=torch.bool) if "drop" in fixed else u_drop < d.p_uncond
     t_txt = fixed["t_txt"].to(device, torch.float32) if "t_txt" in fixed else _times(u_txt, d.t_eps, d.text_time_power)
     t_img = fixed["t_img"].to(device, torch.float32) if "t_img" in fixed else _times(u_img, d.t_eps, d.image_time_power)
@@ -469,5 +474,5 @@ def mdm_loss(
     return out
 
 
-__all__ = ["score_entropy_absorbing", "absorbing_log_scores", "dsm_image_weight", "mdm_loss", "draw_tasks", "absorb",
-           "image_x0_estimate", "TASKS"]
+__all__ = ["score_entropy_absorbing", "absorbing_log_scores", "dsm_image_weight", "mdm_loss", "draw_tasks",
+           "tasks_from_uniforms", "absorb", "image_x0_estimate", "TASKS"]

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 
 import torch
 
-from mdm_dist.diffusion import draw_tasks
+from mdm_dist.diffusion import tasks_from_uniforms
 
 
 def sample_seed(seed: int, step: int, key: str) -> int:
@@ -42,21 +42,38 @@ class SampleNoise:
         self.gens = [torch.Generator().manual_seed(sample_seed(seed, step, k)) for k in keys]
 
     def fixed(self, cfg, num_image_tokens: int, device) -> dict[str, torch.Tensor]:
-        L, dz = cfg.vae.max_text_len, cfg.vae.d_z
-        rows = []
+        """Each sample's draws from its own generator, in this order: the 4 uniforms of
+        :func:`~mdm_dist.diffusion.draw_tasks` (task, drop, text time, image time), the text's MASK
+        noise (L), eps of the image latents, eps of the text latents (``gaussian`` text process),
+        then the self-conditioning and image-masking uniforms where configured. A generator fills
+        consecutive draws the same whether asked for one by one or in one call, so each sample's
+        uniforms come from one call and its normals from one more; the tasks and times are then
+        computed for the whole batch at once (:func:`~mdm_dist.diffusion.tasks_from_uniforms`)."""
+        L, dz, T = cfg.vae.max_text_len, cfg.vae.d_z, num_image_tokens
+        gaussian_text = cfg.diffusion.text_process == "gaussian"
+        n_late = (1 if cfg.model.self_condition else 0) + (1 + T if cfg.model.image_mask_prob > 0 else 0)
+        u, eps_img, eps_txt, late = [], [], [], []
         for g in self.gens:
-            d = draw_tasks(cfg, 1, "cpu", g)
-            d["mask_noise"] = torch.rand((1, L), generator=g)
-            d["eps_img"] = torch.randn((1, num_image_tokens, dz), generator=g)
-            if cfg.diffusion.text_process == "gaussian":
-                d["eps_txt"] = torch.randn((1, L, dz), generator=g)
+            u.append(torch.rand(4 + L, generator=g))
+            eps_img.append(torch.randn(T * dz, generator=g))
+            if gaussian_text:
+                eps_txt.append(torch.randn(L * dz, generator=g))
+            if n_late:
+                late.append(torch.rand(n_late, generator=g))
+        b = len(self.gens)
+        u = torch.stack(u)
+        d = tasks_from_uniforms(cfg, u[:, 0], u[:, 1], u[:, 2], u[:, 3])
+        d["mask_noise"] = u[:, 4:]
+        d["eps_img"] = torch.stack(eps_img).view(b, T, dz)
+        if gaussian_text:
+            d["eps_txt"] = torch.stack(eps_txt).view(b, L, dz)
+        if n_late:
+            late, i = torch.stack(late), 0
             if cfg.model.self_condition:
-                d["sc"] = torch.rand((1,), generator=g)
+                d["sc"], i = late[:, 0], 1
             if cfg.model.image_mask_prob > 0:
-                d["img_mask"] = torch.rand((1,), generator=g)
-                d["img_mask_tokens"] = torch.rand((1, num_image_tokens), generator=g)
-            rows.append(d)
-        return {k: torch.cat([r[k] for r in rows]).to(device) for k in rows[0]}
+                d["img_mask"], d["img_mask_tokens"] = late[:, i], late[:, i + 1:]
+        return {k: v.to(device) for k, v in d.items()}
 
     def vae_sample(self, mu: torch.Tensor, logvar: torch.Tensor, generator=None) -> torch.Tensor:
         if mu.shape[0] != len(self.gens):

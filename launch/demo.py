@@ -61,9 +61,11 @@ if str(REPO) not in sys.path:
 PY = sys.executable
 STAGES = ("corpus", "tokenizer", "vae", "encode", "pretrain", "evaluate", "report")
 TARGETS = {"text_to_image": 0.80, "captioning": 0.80, "total_wall_s": 20 * 60}
-# One OpenMP thread per process in every stage: on 2 shared cores, spinning OpenMP threads made
-# the VAE stage ~5x slower with 2 threads than with 1; pretraining runs 2 processes anyway.
+# One OpenMP thread per process in the stages of 2 processes: on 2 shared cores, spinning OpenMP
+# threads made the VAE stage ~5x slower with 2 threads than with 1. The evaluation runs alone in
+# one process: 2 threads took it from 74 to 61 s on the AVX2 machine (benchmarks/demo_results.md).
 ONE = {"OMP_NUM_THREADS": "1"}
+BOTH_CORES = {"OMP_NUM_THREADS": "2"}
 # Pretraining steps under bf16 (the default where the CPU has native bf16): the 2-process trainer
 # runs 1.24x the samples/s of fp32 there (benchmarks/demo_results.md), so about as long as the
 # 870 fp32 steps of configs/tiny.yaml
@@ -208,7 +210,7 @@ def stage_commands(args, out: Path, spent_s: float = 0.0) -> list[tuple[str, Pat
         ("evaluate", out / "quality.json",
          [PY, "-m", "mdm_dist.eval.heldout", "--export", str(run / "export"), "--vae", str(vae / "vae.pt"),
           "--tokenizer", str(tok), "--corpus", str(corpus), "--out", str(out), "--num", str(args.num_eval),
-          "--weights", args.weights, "--seed", str(args.seed), "--data", str(mds), *sample_flags], ONE),
+          "--weights", args.weights, "--seed", str(args.seed), "--data", str(mds), *sample_flags], BOTH_CORES),
         ("report", out / "demo_report.json", None, {}),
     ]
 

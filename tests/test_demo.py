@@ -39,6 +39,8 @@ def test_print_commands_lists_every_stage(tmp_path):
                    "mdm_dist.eval.heldout"):
         assert needle in text, needle
     assert not (tmp_path / "demo").exists()  # printing runs nothing
+    evaluate = next(line for line in text.splitlines() if "mdm_dist.eval.heldout" in line)
+    assert "OMP_NUM_THREADS=2" in evaluate  # alone on the machine: both cores
     pretrain = next(line for line in text.splitlines() if "launch/pretrain.py" in line)
     assert "model.attention_every=1" in pretrain and "model.scan_mode=cycle" in pretrain
     p = _demo(tmp_path / "demo", "--print-commands", "--attention-every", "0", "--caption-guidance", "1.5")

@@ -73,10 +73,10 @@ BF16_STEPS = 1080
 QUICK = {"num_samples": 256, "num_eval": 16, "vae_steps": 8, "steps": 6, "sample_steps": 4}
 # The time budget (--time-budget, default the 20-minute target) on a slower machine: the VAE stage
 # may spend at most VAE_SHARE of it, and pretraining what is left after the stages before it and
-# RESERVE_S for its own start-up and export, the evaluation and the report (all four ~105 s on the
-# AVX2 machine of benchmarks/demo_results.md: 25 + 73 + 5). Each training stage fits its step count
-# into its share (train.time_budget_s, mdm_dist/train/budget.py: planned after 20 steps, re-planned
-# at 50% and 80% of the share), its schedule ending there. Where the configured
+# RESERVE_S for its own start-up and export, the evaluation and the report (about 30 + 63 + 4 s on
+# the AVX2 machine of benchmarks/demo_results.md; the rest is margin). Each training stage fits its
+# step count into its share (train.time_budget_s, mdm_dist/train/budget.py: planned after 20
+# steps, re-planned at 50% and 80% of the share), its schedule ending there. Where the configured
 # steps fit, nothing changes. Pretraining gets at least MIN_PRETRAIN_SHARE of the budget, even if
 # the demo then runs over it.
 # --best-of: text-to-image keeps the best of N candidates per prompt by the model's own caption
@@ -280,6 +280,11 @@ def loss_history(records: list[dict]) -> dict[str, list[float]]:
     return hist
 
 
+def _plan_counts(plans: list[dict] | None) -> list[list[int]] | None:
+    """A training stage's time-budget plans as [step decided at, step count] pairs (None: no budget)."""
+    return [[int(p["step"]), int(p["max_steps"])] for p in plans] if plans else None
+
+
 def write_report(args, out: Path, timings: dict) -> dict:
     from mdm_dist.viz import loss_curves
 
@@ -295,6 +300,7 @@ def write_report(args, out: Path, timings: dict) -> dict:
     encode = json.loads((out / "mds" / "encode_report.json").read_text()) if (out / "mds" / "encode_report.json").is_file() else {}
     total = sum(t["seconds"] for t in timings.values())
     steps = [r for r in metrics if r.get("step_time_s") is not None]
+    budget = json.loads((run / "budget.json").read_text()) if (run / "budget.json").is_file() else {}
     run_train = {}
     if (run / "config.yaml").is_file():
         import yaml
@@ -324,12 +330,14 @@ def write_report(args, out: Path, timings: dict) -> dict:
         },
         "time_budget_s": args.time_budget or None,
         "vae": {**{k: vae_metrics["metrics"].get(k) for k in ("psnr", "token_acc", "caption_token_acc")},
-                **{k: vae_metrics.get(k) for k in ("steps", "configured_steps", "time_budget_s")}},
+                **{k: vae_metrics.get(k) for k in ("steps", "configured_steps", "time_budget_s")},
+                "budget_plans": _plan_counts(vae_metrics.get("budget_plans"))},
         "encode": {k: encode.get(k) for k in ("seen", "written", "skipped")},
         "pretrain": {
             "steps": len(metrics),
             "configured_steps": run_train.get("max_steps"),
             "time_budget_s": run_train.get("time_budget_s"),
+            "budget_plans": _plan_counts(budget.get("plans")),
             "first_loss": metrics[0].get("loss") if metrics else None,
             "last_loss": metrics[-1].get("loss") if metrics else None,
             "mean_step_time_s": sum(r["step_time_s"] for r in steps) / len(steps) if steps else None,

@@ -207,6 +207,8 @@ def main(argv=None) -> int:
         save(step)
     export_weights(tr.mdm, ema, run_dir / "export", cfg)
     if rank == 0:
+        if budget.enabled:  # the plans the time budget made (also in every checkpoint)
+            (run_dir / "budget.json").write_text(json.dumps(budget.state_dict(time.perf_counter()), indent=1) + "\n")
         print(f"done: {step} steps, {bad_total} skipped; weights in {run_dir / 'export'}", flush=True)
     metrics.close()
     return 0

@@ -252,7 +252,8 @@ def main(argv=None) -> int:
         report = {"metrics": metrics, "train_samples": len(train), "val_samples": n_val, "skipped": skipped,
                   "world_size": world, "replica_param_sums": replica_sums, "tokenizer": str(tok_dir.resolve()),
                   "tokenizer_vocab": tok.vocab_size, "timings": timings, "history": history,
-                  "steps": step, "configured_steps": t.max_steps, "time_budget_s": t.time_budget_s}
+                  "steps": step, "configured_steps": t.max_steps, "time_budget_s": t.time_budget_s,
+                  "budget_plans": budget.plans}
         (out / "vae_metrics.json").write_text(json.dumps(report, indent=2) + "\n")
         print(json.dumps({"metrics": metrics, "timings": timings}, indent=2))
         print(f"wrote {ckpt}, {out}/vae_reconstructions.png, {out}/vae_metrics.json")

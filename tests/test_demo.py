@@ -103,6 +103,13 @@ def test_time_budget_splits_the_20_minutes_between_the_training_stages():
         demo.parse_args(["--time-budget", "-5"])
 
 
+def test_report_lists_the_budget_plans():
+    demo = _demo_module()
+    plans = [{"step": 20, "max_steps": 387, "anchor": None}, {"step": 180, "max_steps": 355, "anchor": [180, 0.4]}]
+    assert demo._plan_counts(plans) == [[20, 387], [180, 355]]
+    assert demo._plan_counts([]) is None and demo._plan_counts(None) is None
+
+
 def test_cpu_has_native_bf16_reads_the_cpu_flags(tmp_path):
     from mdm_dist.train.precision import cpu_has_native_bf16
 
@@ -159,6 +166,8 @@ def test_quick_demo_writes_every_artifact(quick_demo):
     assert report["vae"]["time_budget_s"] == 240.0 and report["vae"]["steps"] == report["vae"]["configured_steps"] == 8
     assert 300.0 <= report["pretrain"]["time_budget_s"] <= 1050.0 and report["pretrain"]["configured_steps"] == 6
     assert "pretrain time budget:" in stdout
+    assert report["vae"]["budget_plans"] is None and report["pretrain"]["budget_plans"] is None
+    assert json.loads((out / "run" / "budget.json").read_text())["plans"] == []
     assert report["encode"]["written"] == 256
 
     run = out / "run"

@@ -263,6 +263,8 @@ def test_time_budget_sets_the_step_count_and_the_schedule_and_resume_keeps_it(wo
     assert budget["elapsed_s"] > 0 and plans[0] == {**plans[0], "step": 20, "max_steps": int(m.group(1))}
     # later re-plans (at 50% and 80% of the budget) are printed and recorded with their anchors
     assert len(plans) == 1 + p.stdout.count("re-planned at step") and plans[-1]["max_steps"] == planned
+    written = json.loads((run / "budget.json").read_text())  # rank 0 writes them at the end too
+    assert [(q["step"], q["max_steps"]) for q in written["plans"]] == [(q["step"], q["max_steps"]) for q in plans]
     # the guard stops the run early only if the machine slowed down after the last plan
     assert len(rows) == planned or "time budget of 15 s spent" in p.stdout
     t = load_config(REPO / "configs" / "tiny.yaml").train

@@ -45,10 +45,12 @@ class SampleNoise:
         """Each sample's draws from its own generator, in this order: the 4 uniforms of
         :func:`~mdm_dist.diffusion.draw_tasks` (task, drop, text time, image time), the text's MASK
         noise (L), eps of the image latents, eps of the text latents (``gaussian`` text process),
-        then the self-conditioning and image-masking uniforms where configured. A generator fills
-        consecutive draws the same whether asked for one by one or in one call, so each sample's
-        uniforms come from one call and its normals from one more; the tasks and times are then
-        computed for the whole batch at once (:func:`~mdm_dist.diffusion.tasks_from_uniforms`)."""
+        then the self-conditioning and image-masking uniforms where configured. The CPU generator
+        fills consecutive uniforms the same whether asked for one by one or in one call, so each
+        sample's leading uniforms come from one call (each normal tensor from one call of its own
+        size, as before); the tasks and times are then computed for the whole batch at once
+        (:func:`~mdm_dist.diffusion.tasks_from_uniforms`). ``tests/test_train_units.py`` checks the
+        result against the draws made one by one."""
         L, dz, T = cfg.vae.max_text_len, cfg.vae.d_z, num_image_tokens
         gaussian_text = cfg.diffusion.text_process == "gaussian"
         n_late = (1 if cfg.model.self_condition else 0) + (1 + T if cfg.model.image_mask_prob > 0 else 0)

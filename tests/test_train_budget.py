@@ -173,10 +173,10 @@ def test_a_resumed_run_takes_the_replans_still_due():
     run(b, [10.0, 5.0, 1.0, 1.0, 1.0] + [0.5] * 75)  # stopped after step 80: re-planned at 70 only
     state = b.state_dict(now=100.0 + 18.0 + 75 * 0.5)
     assert state["replans_done"] == 1 and state["planned"] == 167
-    assert state["anchor"] == [70, pytest.approx((70 - 3) / 79)]
+    assert state["plans"][-1]["anchor"] == (70, pytest.approx((70 - 3) / 79))
     r = StepBudget(100.0, 1000, decide_at=5, skip=2, margin=0.05, warmup_steps=3)
     r.load_state_dict(state)
-    assert (r.max_steps, r.anchor, r.replans_done, len(r.plans)) == (167, tuple(state["anchor"]), 1, 2)
+    assert (r.max_steps, r.anchor, r.replans_done, len(r.plans)) == (167, state["plans"][-1]["anchor"], 1, 2)
     # the resumed process times its own steps (0.5 s) and re-plans at 80% (step 130, 80.5 s): the
     # same plan as the uninterrupted run's
     now, step, msgs = 0.0, 80, []

@@ -18,9 +18,9 @@ a run configured with the chosen count from the start.
 - Distributed runs agree: the measured step time and elapsed time are reduced (max) over ranks
   before each decision, so every rank chooses the same count; re-plans are considered only every
   ``check_every`` steps, where every rank reduces together.
-- Resume is exact: the chosen count, the schedule's anchor, the plans so far and the time spent are
-  saved in checkpoints (:meth:`StepBudget.state_dict`); a resumed run keeps them, does not take
-  the first decision again, and takes the re-plans that are still due, against its own budget.
+- Resume is exact: the chosen count, the plans so far (each with its schedule anchor) and the time
+  spent are saved in checkpoints (:meth:`StepBudget.state_dict`); a resumed run keeps them, does not
+  take the first decision again, and takes the re-plans that are still due, against its own budget.
 - A guard stops the run at the budget if it still runs over (a machine slowed by other jobs after
   the decision); the trainer then saves and exports as at a normal end.
 
@@ -78,7 +78,6 @@ class StepBudget:
         self.warmup_steps = int(warmup_steps)
         self.replan_at, self.replan_margin = tuple(float(f) for f in replan_at), float(replan_margin)
         self.planned: int | None = None  # the chosen step count, once decided
-        self.anchor: tuple[int, float] | None = None  # the schedule's (step, progress) of the last re-plan
         self.replans_done = 0  # how many of ``replan_at`` are behind the run
         self.plans: list[dict] = []  # every decision: {"step", "max_steps", "anchor", "step_time_s"}
         self.elapsed_before = 0.0  # loop time of earlier processes of this run (from a checkpoint)
@@ -94,6 +93,12 @@ class StepBudget:
     @property
     def max_steps(self) -> int:
         return self.planned if self.planned is not None else self.configured_steps
+
+    @property
+    def anchor(self) -> tuple[int, float] | None:
+        """The schedule's (step, progress) of the last plan that moved it (None: the plain cosine)."""
+        a = self.plans[-1]["anchor"] if self.plans else None
+        return None if a is None else (int(a[0]), float(a[1]))
 
     def start(self, now: float) -> None:
         self._t0 = now
@@ -152,10 +157,9 @@ class StepBudget:
         if new == old:
             return None
         # the cosine's progress now, under the plan so far, is where the new plan continues from
-        if new > step:
-            self.anchor = (step, cosine_progress(step, self.warmup_steps, old, self.anchor))
+        anchor = (step, cosine_progress(step, self.warmup_steps, old, self.anchor)) if new > step else self.anchor
         self.planned = max(new, step)  # at most this step: the run ends now
-        self.plans.append({"step": step, "max_steps": self.planned, "anchor": self.anchor, "step_time_s": step_time})
+        self.plans.append({"step": step, "max_steps": self.planned, "anchor": anchor, "step_time_s": step_time})
         return (f"time budget {self.budget_s:.0f} s: re-planned at step {step}, {elapsed:.0f} s spent, "
                 f"{step_time:.3f} s per step (median of the last {window}): {self.planned} steps instead of "
                 f"{old}; the learning-rate schedule now ends at step {self.planned}")
@@ -171,18 +175,16 @@ class StepBudget:
     def state_dict(self, now: float) -> dict:
         return {"budget_s": self.budget_s, "configured_steps": self.configured_steps, "planned": self.planned,
                 "elapsed_s": self.elapsed(now) if self._t0 is not None else self.elapsed_before,
-                "step_time_s": self.step_time_s, "anchor": None if self.anchor is None else list(self.anchor),
-                "replans_done": self.replans_done, "plans": [dict(p) for p in self.plans]}
+                "step_time_s": self.step_time_s, "replans_done": self.replans_done,
+                "plans": [dict(p) for p in self.plans]}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue a run: keep its chosen step count, its schedule's anchor, the re-plans behind it
-        and the time it already spent."""
+        """Continue a run: keep its chosen step count, its plans (and with them the schedule's
+        anchor), the re-plans behind it and the time it already spent."""
         self.planned = state.get("planned")
         if self.planned is not None:
             self.planned = min(int(self.planned), self.configured_steps)
         self.elapsed_before = float(state.get("elapsed_s") or 0.0)
         self.step_time_s = state.get("step_time_s")
-        anchor = state.get("anchor")
-        self.anchor = None if anchor is None else (int(anchor[0]), float(anchor[1]))
         self.replans_done = int(state.get("replans_done") or 0)
         self.plans = [dict(p) for p in state.get("plans") or []]

@@ -15,10 +15,13 @@ What it does:
    MDS pipeline, whose inputs it needs);
 2. tokenizes captions with ``--tokenizer``, or, without it, trains a SentencePiece tokenizer on
    the captions into OUTPUT/tokenizer (vocabulary <= vae.vocab_size);
-3. holds out ``--val-samples`` samples, trains ``train.max_steps`` AdamW steps with linear warmup
-   and cosine decay (``train.lr`` -> ``train.min_lr``), batch ``train.global_batch_size``
+3. holds out ``--val-samples`` samples, trains ``train.max_steps`` steps with linear warmup and
+   cosine decay (``train.lr`` -> ``train.min_lr``), batch ``train.global_batch_size``
    (``micro_batch_size`` per step per rank, gradients accumulated); with ``train.time_budget_s``
-   fewer, if they do not fit in that many seconds (mdm_dist/train/budget.py);
+   fewer, if they do not fit in that many seconds (mdm_dist/train/budget.py). ``train.optimizer``:
+   ``adamw``, or ``muon`` (Muon at ``train.muon_lr`` on the hidden conv filters and trunk matrices,
+   AdamW at ``train.lr`` on the rest: ``mdm_dist.train.optim.build_vae_optimizer``); the gradient is
+   clipped at ``train.grad_clip`` first;
 4. measures the per-dimension mean and std of the training images' latents and stores them in the
    VAE (``UnifiedVAE.set_image_latent_stats``): ``encode_image`` then gives the diffusion
    backbone unit-variance latents, ``decode_image`` undoes it;
@@ -52,6 +55,7 @@ from mdm_dist.data.tokenizer import CaptionTokenizer, train_tokenizer  # noqa: E
 from mdm_dist.data.vae_checkpoint import save_vae_checkpoint  # noqa: E402
 from mdm_dist.models.vae import UnifiedVAE  # noqa: E402
 from mdm_dist.train.budget import StepBudget  # noqa: E402
+from mdm_dist.train.optim import build_vae_optimizer, set_lr  # noqa: E402
 from mdm_dist.train.schedule import lr_at  # noqa: E402
 
 
@@ -180,7 +184,7 @@ def main(argv=None) -> int:
     model = vae
     if world > 1:
         model = torch.nn.parallel.DistributedDataParallel(vae)
-    opt = torch.optim.AdamW(vae.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=0.0)
+    opt = build_vae_optimizer(vae, t)
     accum = max(1, t.global_batch_size // (t.micro_batch_size * world))
     gen = torch.Generator().manual_seed(t.seed * 1000 + rank)  # each rank draws its own batches
     budget = StepBudget(t.time_budget_s, t.max_steps, warmup_steps=t.warmup_steps)
@@ -191,8 +195,7 @@ def main(argv=None) -> int:
     budget.start(time.perf_counter())
     while step < budget.max_steps:
         t_step = time.perf_counter()
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, t.lr, t.min_lr, t.warmup_steps, budget.max_steps, budget.anchor)
+        set_lr(opt, lr_at(step, t.lr, t.min_lr, t.warmup_steps, budget.max_steps, budget.anchor))
         opt.zero_grad(set_to_none=True)
         for _ in range(accum):
             idx = train[torch.randint(0, len(train), (t.micro_batch_size,), generator=gen)]

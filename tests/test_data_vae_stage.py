@@ -67,6 +67,14 @@ def test_train_vae_writes_a_checkpoint_the_encoder_loads(tmp_path):
          "--tokenizer", ckpt["tokenizer"]])
     assert rc == 0
     assert json.loads((tmp_path / "mds" / "encode_report.json").read_text())["written"] == 40
+    # the reconstruction ceiling of benchmarks/vae_ceiling.py: classifier on the real held-out
+    # images as mdm_dist.eval.heldout scores them, and fractions in range
+    ceiling = tmp_path / "ceiling.json"
+    assert _script("benchmarks/vae_ceiling.py").main(["--vae", str(out / "vae.pt"), "--corpus", str(tmp_path / "demo"),
+                                                       "--num", "12", "--batch", "5", "--json", str(ceiling)]) == 0
+    c = json.loads(ceiling.read_text())
+    assert c["num"] == 12 and 0 <= c["shape"] <= 1 and 0 <= c["colour"] <= 1 and 0 < c["psnr"] < 60
+    assert c["classifier_on_reconstructions"] <= min(c["colour"], c["shape"])
 
 
 def test_train_vae_bad_arguments_exit_2(tmp_path):
@@ -81,7 +89,8 @@ def test_train_vae_under_deepspeed_launcher_two_ranks(tmp_path):
     the encoder's loader reads, and the ranks' replicas ended equal (the script all-gathers each
     rank's parameter sum, fails on a mismatch and records them in vae_metrics.json). With a time
     budget far too small for its 30 steps, both ranks stop together at the budget's first check
-    (step 10)."""
+    (step 10). It trains with Muon (``train.optimizer=muon``): every rank orthogonalizes the same
+    all-reduced gradients, so the replicas stay equal."""
     from mdm_dist.data.vae_checkpoint import load_vae_checkpoint
 
     assert _script("data_prep/make_demo_data.py").main(
@@ -93,7 +102,7 @@ def test_train_vae_under_deepspeed_launcher_two_ranks(tmp_path):
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_accelerators", "2", "--master_port", str(port),
            str(ROOT / "launch/train_vae.py"), "--config", str(ROOT / "configs/vae_tiny.yaml"),
            "--data", str(tmp_path / "demo"), "--output", str(out), "--val-samples", "8"]
-    for s in TINY + ["train.max_steps=30", "train.time_budget_s=0.001"]:
+    for s in TINY + ["train.max_steps=30", "train.time_budget_s=0.001", "train.optimizer=muon"]:
         cmd += ["--set", s]
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT),
                TORCH_EXTENSIONS_DIR=str(ROOT / ".cache" / "torch_extensions"),

@@ -241,3 +241,86 @@ def test_muon_config_is_checked_and_deepspeed_clipping_is_off():
     assert ds["gradient_clipping"] == 0.0 and ds["zero_optimization"]["reduce_scatter"] is False
     plain = load_config(None, ["train.global_batch_size=4", "train.micro_batch_size=2"])
     assert deepspeed_config(plain, 2)["gradient_clipping"] == plain.train.grad_clip
+
+
+def _vae():
+    from mdm_dist.models.vae import UnifiedVAE
+
+    cfg = load_config(REPO / "configs/vae_tiny.yaml", ["vae.base_channels=8", "vae.trunk_width=32", "vae.trunk_layers=1",
+                                                       "vae.d_z=8"])
+    torch.manual_seed(0)
+    return cfg, UnifiedVAE(cfg.vae)
+
+
+def test_vae_muon_takes_the_hidden_filters_and_trunk_matrices():
+    from mdm_dist.train.optim import uses_muon_vae
+
+    cfg, vae = _vae()
+    muon = {n for n, p in vae.named_parameters() if uses_muon_vae(n, p)}
+    # every hidden conv filter (3x3 and the 1x1 skips) of both image stacks and the trunks' fc1 / fc2
+    assert "image_encoder.stages.0.conv1.weight" in muon and "image_encoder.stages.2.skip.weight" in muon
+    assert "image_decoder.stages.4.conv2.weight" in muon and "trunk_enc.layers.0.fc1.weight" in muon
+    assert "trunk_dec.layers.0.fc2.weight" in muon
+    for n in ("image_encoder.conv_in.weight", "image_encoder.conv_out.weight", "image_decoder.conv_in.weight",
+              "image_decoder.conv_out.weight", "image_in.weight", "image_out.weight", "tok_emb.weight",
+              "text_head.weight", "trunk_enc.moments.weight", "trunk_dec.z_in.weight", "pos_emb",
+              "image_encoder.stages.0.conv1.bias", "image_encoder.stages.0.norm1.weight"):
+        assert n not in muon, n
+    assert all(p.ndim in (2, 4) for n, p in vae.named_parameters() if n in muon)
+    assert len(muon) == sum(1 for n, p in vae.named_parameters() if ".stages." in n and p.ndim == 4) + 4
+
+
+def test_vae_muon_steps_orthogonalized_momentum_of_conv_filters_and_adamw_matches_torch():
+    """Two steps: every Muon parameter (conv filters viewed as (out, in*k*k)) moves by lr * U S V^T
+    * sqrt(max(1, rows / cols)) with U, V the singular vectors (float64 SVD) of its Nesterov
+    momentum (an EMA of both gradients, 0.95) and S in the quintic's band; every other parameter
+    moves exactly as torch's AdamW (no weight decay) moves it."""
+    from mdm_dist.train.optim import HiddenMuon, build_vae_optimizer, set_lr, uses_muon_vae
+
+    cfg, vae = _vae()
+    cfg.train.optimizer, cfg.train.muon_lr, cfg.train.lr = "muon", 0.02, 1e-3
+    opt = build_vae_optimizer(vae, cfg.train)
+    assert isinstance(opt, HiddenMuon)
+    set_lr(opt, 0.5e-3)  # the schedule's value: Muon gets 0.5e-3 * 20
+    named = [(n, p) for n, p in vae.named_parameters()]
+    ref = {n: nn.Parameter(p.detach().clone()) for n, p in named if not uses_muon_vae(n, p)}
+    ref_opt = torch.optim.AdamW(list(ref.values()), lr=0.5e-3, betas=tuple(cfg.train.betas), eps=1e-8, weight_decay=0.0)
+    g = torch.Generator().manual_seed(1)
+    grads = [{n: torch.randn(p.shape, generator=g) for n, p in named} for _ in range(2)]
+    beta, lr_muon = cfg.train.muon_momentum, 0.5e-3 * 20
+    for k in range(2):
+        before = {n: p.detach().clone() for n, p in named}
+        for n, p in named:
+            p.grad = grads[k][n].clone()
+            if n in ref:
+                ref[n].grad = grads[k][n].clone()
+        opt.step()
+        ref_opt.step()
+        checked = 0
+        for n, p in named:
+            if n in ref:
+                torch.testing.assert_close(p.detach(), ref[n].detach(), rtol=1e-6, atol=1e-7, msg=n)
+                continue
+            rows = p.shape[0]
+            step = ((before[n] - p.detach()).double() / lr_muon).reshape(rows, -1)
+            g0, g1 = grads[0][n].double().reshape(rows, -1), grads[k][n].double().reshape(rows, -1)
+            mom = (1 - beta) * g0 if k == 0 else beta * (1 - beta) * g0 + (1 - beta) * g1
+            nesterov = (1 - beta) * g1 + beta * mom
+            u, sv, vh = torch.linalg.svd(nesterov, full_matrices=False)
+            scale = math.sqrt(max(1.0, rows / step.shape[1]))
+            core = u.T @ step @ vh.T
+            diag = torch.diagonal(core) / scale
+            assert (core - torch.diag(torch.diagonal(core))).abs().max() < 0.02 * scale, n
+            big = sv / sv.norm() > 0.01
+            assert diag[big].min() > 0.6 and diag.max() < 1.25 and diag.min() > 0, (n, diag.min(), diag.max())
+            checked += 1
+        assert checked >= 10
+
+
+def test_vae_optimizer_adamw_is_torchs():
+    from mdm_dist.train.optim import build_vae_optimizer
+
+    cfg, vae = _vae()
+    cfg.train.optimizer = "adamw"
+    opt = build_vae_optimizer(vae, cfg.train)
+    assert type(opt) is torch.optim.AdamW and opt.param_groups[0]["weight_decay"] == 0.0

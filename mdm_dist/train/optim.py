@@ -24,6 +24,10 @@ stages 1-2 orthogonalize inside the gradient reduce, before any clipping could h
 The schedule (``mdm_dist.train.schedule.lr_at``) gives AdamW's lr; every group carries
 ``lr_scale`` and gets ``lr_scale * lr_at(...)``: 1 for AdamW groups, ``train.muon_lr /
 train.lr`` for the Muon group, so both follow the same warm-up and cosine.
+
+The VAE stage (launch/train_vae.py) builds its optimizer with :func:`build_vae_optimizer`: AdamW,
+or Muon on the VAE's hidden conv filters and trunk matrices through :class:`HiddenMuon`, our own
+(DeepSpeed's Muon cannot step a 4-D conv filter), since the VAE is replicated rather than sharded.
 """
 
 from __future__ import annotations
@@ -132,3 +136,109 @@ def clip_before_muon(zero_optimizer, clip: float) -> None:
         muon_step()
 
     zero_optimizer._apply_muon_to_accumulated_grads = clip_then_muon
+
+
+VAE_MUON_SCOPES = ("image_encoder.stages.", "image_decoder.stages.", "trunk_enc.layers.", "trunk_dec.layers.")
+
+
+def uses_muon_vae(name: str, p: torch.Tensor) -> bool:
+    """Whether Muon updates this UnifiedVAE parameter: a hidden conv filter (viewed as
+    (out, in * k * k)) or a hidden trunk matrix. The stems and heads of both modalities (conv_in,
+    conv_out, image_in / image_out, moments, z_in, the embeddings, text_head) and every vector stay
+    on AdamW."""
+    return p.requires_grad and p.ndim in (2, 4) and name.startswith(VAE_MUON_SCOPES)
+
+
+def newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """The nearest semi-orthogonal matrix to each matrix of ``g`` (..., rows, cols), approximately:
+    ``steps`` iterations of the quintic X <- aX + b(XX^T)X + c(XX^T)^2 X with Muon's coefficients
+    (a, b, c) = (3.4445, -4.7750, 2.0315), in float32, on the smaller side, each matrix first
+    divided by its Frobenius norm. Its singular values land in a band around 1 (about 0.7-1.2),
+    not exactly 1: the point is speed, and Muon does not need more."""
+    x = g.float()
+    tall = x.size(-2) > x.size(-1)
+    if tall:
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = 3.4445 * x + (-4.7750 * gram + 2.0315 * gram @ gram) @ x
+    return x.mT if tall else x
+
+
+class HiddenMuon(torch.optim.Optimizer):
+    """Muon on the groups marked ``use_muon`` and AdamW on the others, for a replicated model.
+
+    A Muon parameter of any shape (a conv filter (out, in, kh, kw) included) is viewed as
+    (shape[0], -1); its Nesterov momentum (``momentum``) is orthogonalized (:func:`newton_schulz`)
+    and scaled by sqrt(max(1, rows / cols)), and the parameter moves by ``-lr`` times it (decoupled
+    weight decay ``weight_decay * lr`` first). AdamW groups follow torch's AdamW. DeepSpeed's Muon
+    is not used here: it returns conv filters' updates flattened (0.19.8)."""
+
+    def __init__(self, groups: list[dict]):
+        defaults = dict(lr=1e-3, weight_decay=0.0, use_muon=False, momentum=0.95, betas=(0.9, 0.999), eps=1e-8)
+        super().__init__(groups, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, wd = group["lr"], group["weight_decay"]
+            params = [p for p in group["params"] if p.grad is not None]
+            if wd:
+                for p in params:
+                    p.mul_(1 - lr * wd)
+            if group["use_muon"]:
+                self._muon(params, lr, group["momentum"])
+            else:
+                self._adamw(params, lr, group["betas"], group["eps"])
+        return loss
+
+    def _muon(self, params: list, lr: float, momentum: float) -> None:
+        by_shape: dict[tuple, list] = {}  # matrices of one 2-D shape are orthogonalized in one batch
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state["momentum"] = torch.zeros_like(p)
+            buf = state["momentum"]
+            buf.lerp_(p.grad, 1 - momentum)
+            g = p.grad.lerp(buf, momentum).reshape(p.shape[0], -1)
+            by_shape.setdefault(tuple(g.shape), []).append((p, g))
+        for (rows, cols), items in by_shape.items():
+            u = newton_schulz(torch.stack([g for _, g in items])) * max(1.0, rows / cols) ** 0.5
+            for (p, _), up in zip(items, u):
+                p.add_(up.reshape(p.shape).to(p.dtype), alpha=-lr)
+
+    def _adamw(self, params: list, lr: float, betas: tuple, eps: float) -> None:
+        b1, b2 = betas
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(p)
+                state["exp_avg_sq"] = torch.zeros_like(p)
+            state["step"] += 1
+            state["exp_avg"].lerp_(p.grad, 1 - b1)
+            state["exp_avg_sq"].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+            c1, c2 = 1 - b1 ** state["step"], 1 - b2 ** state["step"]
+            denom = (state["exp_avg_sq"] / c2).sqrt_().add_(eps)
+            p.addcdiv_(state["exp_avg"], denom, value=-lr / c1)
+
+
+def build_vae_optimizer(vae: nn.Module, t) -> torch.optim.Optimizer:
+    """The VAE stage's optimizer (no weight decay, as before): AdamW everywhere, or Muon on
+    :func:`uses_muon_vae`'s parameters (lr ``t.muon_lr``) and AdamW (lr ``t.lr``) on the rest
+    (:class:`HiddenMuon`). The VAE is replicated (DDP), so every rank takes the same step."""
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(vae.parameters(), lr=t.lr, betas=tuple(t.betas), weight_decay=0.0)
+    muon, rest = [], []
+    for name, p in vae.named_parameters():
+        if p.requires_grad:
+            (muon if uses_muon_vae(name, p) else rest).append(p)
+    return HiddenMuon([
+        dict(params=muon, use_muon=True, lr=t.muon_lr, momentum=t.muon_momentum, lr_scale=t.muon_lr / t.lr),
+        dict(params=rest, use_muon=False, lr=t.lr, betas=tuple(t.betas), lr_scale=1.0),
+    ])

@@ -78,12 +78,7 @@ def build_optimizer(model: nn.Module, t) -> torch.optim.Optimizer:
     """The optimizer ``t`` (a ``TrainConfig``) asks for, over ``model``'s trainable parameters."""
     if t.optimizer == "adamw":
         return torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=tuple(t.betas))
-    # Muon's Newton-Schulz functions are wrapped in torch.compile; on CPU that is an inductor
-    # build per matrix shape (seconds each) for no gain at these sizes, so run them eagerly there.
-    if not torch.cuda.is_available():
-        import torch._dynamo as dynamo
-
-        dynamo.config.disable = True
+    _eager_newton_schulz_on_cpu()
     from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam
 
     muon, rest = [], []
@@ -94,6 +89,15 @@ def build_optimizer(model: nn.Module, t) -> torch.optim.Optimizer:
                    weight_decay=t.weight_decay, ns_method="gram", lr_scale=t.muon_lr / t.lr)]
     groups += _decay_groups(rest, t.weight_decay, use_muon=False, lr=t.lr, betas=tuple(t.betas), eps=1e-8)
     return MuonWithAuxAdam([g for g in groups if g["params"]])
+
+
+def _eager_newton_schulz_on_cpu() -> None:
+    """DeepSpeed wraps its Newton-Schulz functions in torch.compile; on CPU that is an inductor
+    build per matrix shape (seconds each) for no gain at these sizes, so they run eagerly there."""
+    if not torch.cuda.is_available():
+        import torch._dynamo as dynamo
+
+        dynamo.config.disable = True
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -149,33 +153,18 @@ def uses_muon_vae(name: str, p: torch.Tensor) -> bool:
     return p.requires_grad and p.ndim in (2, 4) and name.startswith(VAE_MUON_SCOPES)
 
 
-def newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
-    """The nearest semi-orthogonal matrix to each matrix of ``g`` (..., rows, cols), approximately:
-    ``steps`` iterations of the quintic X <- aX + b(XX^T)X + c(XX^T)^2 X with Muon's coefficients
-    (a, b, c) = (3.4445, -4.7750, 2.0315), in float32, on the smaller side, each matrix first
-    divided by its Frobenius norm. Its singular values land in a band around 1 (about 0.7-1.2),
-    not exactly 1: the point is speed, and Muon does not need more."""
-    x = g.float()
-    tall = x.size(-2) > x.size(-1)
-    if tall:
-        x = x.mT
-    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
-    for _ in range(steps):
-        gram = x @ x.mT
-        x = 3.4445 * x + (-4.7750 * gram + 2.0315 * gram @ gram) @ x
-    return x.mT if tall else x
-
-
 class HiddenMuon(torch.optim.Optimizer):
     """Muon on the groups marked ``use_muon`` and AdamW on the others, for a replicated model.
 
     A Muon parameter of any shape (a conv filter (out, in, kh, kw) included) is viewed as
-    (shape[0], -1); its Nesterov momentum (``momentum``) is orthogonalized (:func:`newton_schulz`)
-    and scaled by sqrt(max(1, rows / cols)), and the parameter moves by ``-lr`` times it (decoupled
-    weight decay ``weight_decay * lr`` first). AdamW groups follow torch's AdamW. DeepSpeed's Muon
-    is not used here: it returns conv filters' updates flattened (0.19.8)."""
+    (shape[0], -1); its Nesterov momentum (``momentum``) is orthogonalized by the Newton-Schulz
+    iteration the pretraining Muon uses (DeepSpeed's ``gram`` method, batched over the matrices of
+    one shape) and scaled by sqrt(max(1, rows / cols)), and the parameter moves by ``-lr`` times it.
+    AdamW groups take torch's functional AdamW. DeepSpeed's ``MuonWithAuxAdam`` itself is not used
+    here: it returns conv filters' updates flattened, and its step fails (0.19.8)."""
 
     def __init__(self, groups: list[dict]):
+        _eager_newton_schulz_on_cpu()
         defaults = dict(lr=1e-3, weight_decay=0.0, use_muon=False, momentum=0.95, betas=(0.9, 0.999), eps=1e-8)
         super().__init__(groups, defaults)
 
@@ -186,46 +175,38 @@ class HiddenMuon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, wd = group["lr"], group["weight_decay"]
             params = [p for p in group["params"] if p.grad is not None]
-            if wd:
-                for p in params:
-                    p.mul_(1 - lr * wd)
             if group["use_muon"]:
-                self._muon(params, lr, group["momentum"])
+                self._muon(params, group)
             else:
-                self._adamw(params, lr, group["betas"], group["eps"])
+                self._adamw(params, group)
         return loss
 
-    def _muon(self, params: list, lr: float, momentum: float) -> None:
-        by_shape: dict[tuple, list] = {}  # matrices of one 2-D shape are orthogonalized in one batch
+    def _muon(self, params: list, group: dict) -> None:
+        from deepspeed.runtime.zero.muon.original_muon import zeropower_via_gram_newtonschulz
+
+        lr, momentum, by_shape = group["lr"], group["momentum"], {}
         for p in params:
-            state = self.state[p]
-            if not state:
-                state["momentum"] = torch.zeros_like(p)
-            buf = state["momentum"]
+            buf = self.state[p].setdefault("momentum", torch.zeros_like(p))
             buf.lerp_(p.grad, 1 - momentum)
             g = p.grad.lerp(buf, momentum).reshape(p.shape[0], -1)
             by_shape.setdefault(tuple(g.shape), []).append((p, g))
-        for (rows, cols), items in by_shape.items():
-            u = newton_schulz(torch.stack([g for _, g in items])) * max(1.0, rows / cols) ** 0.5
+        for (rows, cols), items in by_shape.items():  # one batched iteration per matrix shape
+            u = zeropower_via_gram_newtonschulz(torch.stack([g for _, g in items]), steps=5)
+            u = u.float() * max(1.0, rows / cols) ** 0.5
             for (p, _), up in zip(items, u):
-                p.add_(up.reshape(p.shape).to(p.dtype), alpha=-lr)
+                p.mul_(1 - lr * group["weight_decay"]).add_(up.reshape(p.shape).to(p.dtype), alpha=-lr)
 
-    def _adamw(self, params: list, lr: float, betas: tuple, eps: float) -> None:
-        b1, b2 = betas
-        for p in params:
-            state = self.state[p]
-            if not state:
-                state["step"] = 0
-                state["exp_avg"] = torch.zeros_like(p)
-                state["exp_avg_sq"] = torch.zeros_like(p)
-            state["step"] += 1
-            state["exp_avg"].lerp_(p.grad, 1 - b1)
-            state["exp_avg_sq"].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
-            c1, c2 = 1 - b1 ** state["step"], 1 - b2 ** state["step"]
-            denom = (state["exp_avg_sq"] / c2).sqrt_().add_(eps)
-            p.addcdiv_(state["exp_avg"], denom, value=-lr / c1)
+    def _adamw(self, params: list, group: dict) -> None:
+        from torch.optim.adamw import adamw
+
+        states = [self.state[p] for p in params]
+        for p, st in zip(params, states):
+            if not st:
+                st.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+        adamw(params, [p.grad for p in params], [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
+              [], [st["step"] for st in states], amsgrad=False, beta1=group["betas"][0], beta2=group["betas"][1],
+              lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
 
 
 def build_vae_optimizer(vae: nn.Module, t) -> torch.optim.Optimizer:

@@ -103,6 +103,20 @@ def test_time_budget_splits_the_20_minutes_between_the_training_stages():
         demo.parse_args(["--time-budget", "-5"])
 
 
+def test_vae_optimizer_reaches_only_the_vae_stage():
+    """--vae-optimizer sets the VAE stage's train.optimizer (default: the config's); pretraining's
+    optimizer stays configs/tiny.yaml's."""
+    demo = _demo_module()
+    cmds = {name: cmd for name, _, cmd, _ in demo.stage_commands(demo.parse_args([]), ROOT / "x")}
+    assert not any("train.optimizer" in c for c in cmds["vae"] + cmds["pretrain"])
+    args = demo.parse_args(["--vae-optimizer", "muon", "--vae-steps", "1870", "--steps", "2000", "--time-budget", "0"])
+    cmds = {name: cmd for name, _, cmd, _ in demo.stage_commands(args, ROOT / "x")}
+    assert "train.optimizer=muon" in cmds["vae"] and "train.max_steps=1870" in cmds["vae"]
+    assert not any("train.optimizer" in c for c in cmds["pretrain"]) and "train.max_steps=2000" in cmds["pretrain"]
+    with pytest.raises(SystemExit):
+        demo.parse_args(["--vae-optimizer", "sgd"])
+
+
 def test_report_lists_the_budget_plans():
     demo = _demo_module()
     plans = [{"step": 20, "max_steps": 387, "anchor": None}, {"step": 180, "max_steps": 355, "anchor": [180, 0.4]}]

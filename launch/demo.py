@@ -87,6 +87,10 @@ BEST_OF = 1
 VAE_SHARE = 0.2
 RESERVE_S = 125.0
 MIN_PRETRAIN_SHARE = 0.25
+# One loader process per pretraining rank (data.num_workers) reads the next batch from MDS while the
+# step computes: the demo's steps 3-14% faster on 2 AVX2 cores (benchmarks/demo_results.md). Not in
+# configs/tiny.yaml: on the tests' few-sample streams every epoch would start a new process.
+LOADER_WORKERS = 1
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -213,7 +217,7 @@ def stage_commands(args, out: Path, spent_s: float = 0.0) -> list[tuple[str, Pat
           "--set", f"train.vae_checkpoint={(vae / 'vae.pt').resolve()}",
           "--set", f"train.seed={args.seed}", "--set", "train.sample_every=0", "--set", f"train.dtype={args.dtype}",
           "--set", f"model.scan_mode={args.scan_mode}", "--set", f"model.attention_every={args.attention_every}",
-          *mdm_sets, *quick_sets],
+          "--set", f"data.num_workers={LOADER_WORKERS}", *mdm_sets, *quick_sets],
          ONE),
         ("evaluate", out / "quality.json",
          [PY, "-m", "mdm_dist.eval.heldout", "--export", str(run / "export"), "--vae", str(vae / "vae.pt"),

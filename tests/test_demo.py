@@ -43,6 +43,7 @@ def test_print_commands_lists_every_stage(tmp_path):
     assert "OMP_NUM_THREADS=2" in evaluate  # alone on the machine: both cores
     pretrain = next(line for line in text.splitlines() if "launch/pretrain.py" in line)
     assert "model.attention_every=1" in pretrain and "model.scan_mode=cycle" in pretrain
+    assert "data.num_workers=1" in pretrain  # a loader process per rank (LOADER_WORKERS)
     p = _demo(tmp_path / "demo", "--print-commands", "--attention-every", "0", "--caption-guidance", "1.5")
     assert "model.attention_every=0" in p.stdout and "--caption-guidance 1.5" in p.stdout
     bad = _demo(tmp_path / "demo", "--print-commands", "--attention-every", "-1")
